@@ -1,0 +1,768 @@
+"""msgan: MobileStyleGAN and its StyleGAN2 teacher in one readable file.
+
+    import msgan
+    G = msgan.load("path/to/checkpoint.pt")          # rosinality, official MobileStyleGAN or msgan file
+    img = G(torch.randn(4, G.z_dim), psi=0.7)        # [4, 3, R, R], about [-1, 1]
+
+Contents, top to bottom: building blocks; the mapping network; the StyleGAN2 synthesis network (the
+teacher, numerically identical to rosinality/stylegan2-pytorch); the MobileStyleGAN synthesis network
+(the student, numerically identical to bes-dev/MobileStyleGAN.pytorch); the Generator wrapper with the
+NVlabs-style API; the StyleGAN2 discriminator and the GAN losses; checkpoint I/O and converters.
+
+W+ layout. Every network here reads a W+ code in the standard StyleGAN2 layout, num_ws = 2*log2(R) - 2
+slots: slot 0 drives the 4x4 conv, slot 2k+1 the output head at resolution 2^(k+2) *and* the first
+conv of the next resolution, slot 2k+2 the second conv at 2^(k+3). The student uses the same slots for
+the resolutions it has, so one code drives teacher and student. The official MobileStyleGAN layout
+(3 slots per block) is available with ws_layout="official".
+"""
+import argparse
+import math
+import os
+import re
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ops
+
+MAPPING_LR_MUL = 0.01   # the mapping network learns 100x slower (StyleGAN2)
+W_AVG_SAMPLES = 4096    # z samples averaged for w_avg when a checkpoint has none
+CONST_NOISE_SEED = 0    # seed of the "const" noise of networks whose checkpoint stores none
+FORMAT_NAME = "msgan"
+FORMAT_VERSION = 1
+
+
+def default_channels(resolution, channel_multiplier=2):
+    """StyleGAN2's channel table (rosinality): {resolution: channels} for 4 .. resolution."""
+    table = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}
+    return [table[4 * 2**i] * (channel_multiplier if 4 * 2**i >= 64 else 1)
+            for i in range(int(math.log2(resolution)) - 1)]
+
+
+def num_ws_for(resolution):
+    return 2 * int(math.log2(resolution)) - 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalised learning rate: weights stored as N(0, 1)/lr_mul, scaled at run time."""
+
+    def __init__(self, in_dim, out_dim, lr_mul=1.0, bias_init=0.0, activate=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim) / lr_mul)
+        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init)))
+        self.scale = lr_mul / math.sqrt(in_dim)
+        self.lr_mul = lr_mul
+        self.activate = activate
+
+    def forward(self, x):
+        if self.activate:
+            return ops.bias_leaky_relu(F.linear(x, self.weight * self.scale), self.bias * self.lr_mul)
+        return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
+
+
+class EqualConv2d(nn.Module):
+    """Conv with equalised learning rate (discriminator); bias only when no activation follows."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_ch)) if bias else None
+        self.scale = 1 / math.sqrt(in_ch * kernel_size**2)
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.scale, self.bias, self.stride, self.padding)
+
+
+class MappingNetwork(nn.Module):
+    """z [B, z_dim] -> pixel norm -> num_layers x (EqualLinear + lrelu) -> w [B, w_dim]."""
+
+    def __init__(self, z_dim, w_dim, num_layers, lr_mul=MAPPING_LR_MUL):
+        super().__init__()
+        dims = [z_dim] + [w_dim] * num_layers
+        self.layers = nn.ModuleList(EqualLinear(i, o, lr_mul=lr_mul, activate=True)
+                                    for i, o in zip(dims[:-1], dims[1:]))
+
+    def forward(self, z):
+        x = z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8)  # pixel norm
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def make_const_noise(resolutions, seed=CONST_NOISE_SEED):
+    """Fixed N(0, 1) noise maps [1, 1, r, r], one per styled conv, reproducible from a seed."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 1, r, r, generator=g) for r in resolutions]
+
+
+class NoiseMixin:
+    """Noise handling shared by both synthesis networks.
+
+    The network registers one buffer `noise_const.{i}` per styled conv (resolution noise_resolutions[i]).
+    """
+
+    def _register_noise(self, resolutions):
+        self.noise_resolutions = list(resolutions)
+        self.noise_const = nn.Module()  # a namespace, so the buffers are saved as noise_const.{i}
+        for i, n in enumerate(make_const_noise(resolutions)):
+            self.noise_const.register_buffer(str(i), n)
+
+    def resolve_noise(self, batch, noise, noise_mode, device):
+        """The noise maps for one forward: an explicit list, or per noise_mode ("const"/"random"/"none")."""
+        count = len(self.noise_resolutions)
+        if noise is not None:
+            if len(noise) < count:
+                raise ValueError(f"noise: expected a list of {count} tensors, got {len(noise)}")
+            noise = list(noise)[:count]  # a student accepts its teacher's longer list
+            for i, (n, r) in enumerate(zip(noise, self.noise_resolutions)):
+                if n.ndim != 4 or n.shape[1] != 1 or n.shape[2:] != (r, r) or n.shape[0] not in (1, batch):
+                    raise ValueError(f"noise[{i}]: expected shape [1 or {batch}, 1, {r}, {r}], got {list(n.shape)}")
+            return noise
+        if noise_mode == "const":
+            return [getattr(self.noise_const, str(i)) for i in range(count)]
+        if noise_mode == "random":
+            return [torch.randn(batch, 1, r, r, device=device) for r in self.noise_resolutions]
+        if noise_mode == "none":
+            return [None] * count
+        raise ValueError(f"noise_mode must be 'const', 'random' or 'none', got {noise_mode!r}")
+
+
+def _add_noise(x, strength, noise):
+    return x if noise is None else x + strength * noise
+
+
+def _expand_ws(ws, num_ws, w_dim):
+    """[B, w_dim] or [B, num_ws, w_dim] -> [B, num_ws, w_dim]."""
+    if ws.ndim == 2 and ws.shape[1] == w_dim:
+        return ws[:, None].expand(-1, num_ws, -1)
+    if ws.ndim == 3 and ws.shape[1:] == (num_ws, w_dim):
+        return ws
+    raise ValueError(f"ws: expected [B, {w_dim}] or [B, {num_ws}, {w_dim}], got {list(ws.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# StyleGAN2 synthesis network (the teacher), as rosinality's Generator
+
+
+class ModulatedConv2d(nn.Module):
+    """StyleGAN2 modulated conv: style = EqualLinear(w) (bias 1), per-sample demodulation."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, w_dim, demodulate=True, upsample=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel_size, kernel_size))
+        self.modulation = EqualLinear(w_dim, in_ch, bias_init=1)
+        self.scale = 1 / math.sqrt(in_ch * kernel_size**2)
+        self.demodulate, self.upsample = demodulate, upsample
+        if upsample:  # blur after the transposed conv; x4 keeps the DC gain of a 2x upsample
+            self.register_buffer("blur_kernel", ops.make_blur_kernel() * 4, persistent=False)
+
+    def forward(self, x, w):
+        return ops.modulated_conv2d(x, self.weight * self.scale, self.modulation(w), self.demodulate,
+                                    self.upsample, getattr(self, "blur_kernel", None))
+
+
+class StyledConv(nn.Module):
+    """Modulated conv -> + noise_strength * noise -> bias + lrelu * sqrt(2)."""
+
+    def __init__(self, in_ch, out_ch, w_dim, upsample=False):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_ch, out_ch, 3, w_dim, upsample=upsample)
+        self.noise_strength = nn.Parameter(torch.zeros(1))
+        self.bias = nn.Parameter(torch.zeros(out_ch))
+
+    def forward(self, x, w, noise):
+        return ops.bias_leaky_relu(_add_noise(self.conv(x, w), self.noise_strength, noise), self.bias)
+
+
+class ToRGB(nn.Module):
+    """1x1 modulated conv (no demodulation) to RGB, added to the upsampled RGB skip."""
+
+    def __init__(self, in_ch, w_dim, upsample_skip=True):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_ch, 3, 1, w_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(3))
+        if upsample_skip:
+            self.register_buffer("blur_kernel", ops.make_blur_kernel() * 4, persistent=False)
+
+    def forward(self, x, w, skip=None):
+        rgb = self.conv(x, w) + self.bias[None, :, None, None]
+        if skip is not None:
+            rgb = rgb + ops.upfirdn2d(skip, self.blur_kernel, up=2, pad=(2, 1, 2, 1))
+        return rgb
+
+
+class StyleGAN2Synthesis(nn.Module, NoiseMixin):
+    """StyleGAN2 synthesis: const 4x4 -> (upsampling conv, conv, to_rgb) per resolution -> RGB skips.
+
+    channels: widths at 4, 8, ..., img_resolution.
+    """
+
+    def __init__(self, w_dim, channels):
+        super().__init__()
+        self.w_dim, self.channels = w_dim, list(channels)
+        self.img_resolution = 4 * 2 ** (len(channels) - 1)
+        self.num_ws = num_ws_for(self.img_resolution)
+        self.const = nn.Parameter(torch.randn(1, channels[0], 4, 4))
+        self.conv1 = StyledConv(channels[0], channels[0], w_dim)
+        self.to_rgb1 = ToRGB(channels[0], w_dim, upsample_skip=False)
+        self.convs, self.to_rgbs = nn.ModuleList(), nn.ModuleList()
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            self.convs.append(StyledConv(c_in, c_out, w_dim, upsample=True))
+            self.convs.append(StyledConv(c_out, c_out, w_dim))
+            self.to_rgbs.append(ToRGB(c_out, w_dim))
+        self._register_noise([4] + [4 * 2**(i // 2 + 1) for i in range(len(self.convs))])
+
+    def forward(self, ws, noise=None, noise_mode="const"):
+        ws = _expand_ws(ws, self.num_ws, self.w_dim)
+        noise = self.resolve_noise(ws.shape[0], noise, noise_mode, ws.device)
+        x = self.conv1(self.const.expand(ws.shape[0], -1, -1, -1), ws[:, 0], noise[0])
+        rgb = self.to_rgb1(x, ws[:, 1])
+        for k, to_rgb in enumerate(self.to_rgbs):  # resolution 2^(k+3)
+            x = self.convs[2 * k](x, ws[:, 2 * k + 1], noise[2 * k + 1])
+            x = self.convs[2 * k + 1](x, ws[:, 2 * k + 2], noise[2 * k + 2])
+            rgb = to_rgb(x, ws[:, 2 * k + 3], rgb)
+        return rgb
+
+
+# ----------------------------------------------------------------------------------------------
+# MobileStyleGAN synthesis network (the student), as bes-dev/MobileStyleGAN.pytorch
+
+
+class MobileModulatedConv2d(nn.Module):
+    """MobileStyleGAN modulated conv: full k x k, or depthwise k x k + pointwise 1x1 (depthwise=True).
+
+    The style enters only as input modulation, style = Linear(w) * 1/sqrt(in*k*k) (plain nn.Linear,
+    bias 1, for the depthwise conv too). Demodulation, when on, is a fixed per-output-channel factor
+    computed from the weights and the `style_inv` buffer (a random stand-in for the style). A *folded*
+    conv (demodulate=False on a styled conv) holds `weight` pre-multiplied by that factor: the
+    inference form, and the form the official FFHQ release ships.
+    """
+
+    def __init__(self, in_ch, out_ch, kernel_size, w_dim, depthwise=False, demodulate=True):
+        super().__init__()
+        self.modulation = nn.Linear(w_dim, in_ch)
+        nn.init.ones_(self.modulation.bias)
+        self.scale = 1 / math.sqrt(in_ch * kernel_size**2)
+        if depthwise:
+            self.weight_dw = nn.Parameter(torch.randn(in_ch, 1, kernel_size, kernel_size))
+            self.weight = nn.Parameter(torch.randn(out_ch, in_ch, 1, 1))  # pointwise
+        else:
+            self.weight_dw = None
+            self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel_size, kernel_size))
+        self.demodulate = demodulate
+        if demodulate:
+            self.register_buffer("style_inv", torch.randn(in_ch))
+
+    def demodulation(self):
+        return ops.fixed_demodulation(self.weight, self.style_inv * self.scale, self.weight_dw)
+
+    def forward(self, x, w):
+        demod = self.demodulation() if self.demodulate else None
+        return ops.mobile_modulated_conv2d(x, self.weight, self.modulation(w) * self.scale, demod, self.weight_dw)
+
+    @torch.no_grad()
+    def fold_demodulation(self):
+        """Multiply the fixed demodulation into the weights (same outputs, less work per call)."""
+        if self.demodulate:
+            self.weight.mul_(self.demodulation()[:, None, None, None])
+            self.demodulate = False
+            del self.style_inv
+
+
+class MobileStyledConv(nn.Module):
+    """Mobile modulated conv -> + noise_strength * noise -> + bias -> lrelu(0.2) (no gain, unlike StyleGAN2)."""
+
+    def __init__(self, in_ch, out_ch, w_dim, depthwise=True, folded=False):
+        super().__init__()
+        self.conv = MobileModulatedConv2d(in_ch, out_ch, 3, w_dim, depthwise, demodulate=not folded)
+        self.noise_strength = nn.Parameter(torch.zeros(1))
+        self.bias = nn.Parameter(torch.zeros(out_ch))
+
+    def forward(self, x, w, noise):
+        return ops.bias_leaky_relu(_add_noise(self.conv(x, w), self.noise_strength, noise), self.bias, gain=1.0)
+
+
+class ToWavelets(nn.Module):
+    """1x1 modulated conv (no demodulation) to 12 Haar coefficients of RGB at half resolution."""
+
+    def __init__(self, in_ch, w_dim):
+        super().__init__()
+        self.conv = MobileModulatedConv2d(in_ch, 12, 1, w_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(12))
+
+    def forward(self, x, w):
+        return self.conv(x, w) + self.bias[None, :, None, None]
+
+
+class IDWTUpsample(nn.Module):
+    """x * Linear(w) (no scale factor), then inverse Haar: [B, C, H, W] -> [B, C/4, 2H, 2W]."""
+
+    def __init__(self, ch, w_dim):
+        super().__init__()
+        self.modulation = nn.Linear(w_dim, ch)
+        nn.init.ones_(self.modulation.bias)
+
+    def forward(self, x, w):
+        return ops.wavelets_to_img(x * self.modulation(w)[:, :, None, None])
+
+
+class MobileBlock(nn.Module):
+    """IDWT-upsample -> two depthwise-separable styled convs -> wavelet head, at 2x the input size."""
+
+    def __init__(self, in_ch, out_ch, w_dim, folded=False):
+        super().__init__()
+        self.up = IDWTUpsample(in_ch, w_dim)
+        self.conv1 = MobileStyledConv(in_ch // 4, out_ch, w_dim, folded=folded)
+        self.conv2 = MobileStyledConv(out_ch, out_ch, w_dim, folded=folded)
+        self.to_wavelets = ToWavelets(out_ch, w_dim)
+
+
+class MobileSynthesis(nn.Module, NoiseMixin):
+    """MobileStyleGAN student: const 4x4 -> conv -> blocks (8 .. R/2) -> IDWT of the last wavelet head.
+
+    channels: widths at 4, 8, ..., img_resolution/2 (the teacher's table without its last entry).
+    forward returns img [B, 3, R, R], or (img, freq) with return_freq=True, where freq[k] is the
+    12-channel Haar output [B, 12, 2^(k+2), 2^(k+2)] of every head (all but the last only feed the
+    distillation loss).
+    """
+
+    def __init__(self, w_dim, channels, folded=False):
+        super().__init__()
+        self.w_dim, self.channels, self.folded = w_dim, list(channels), folded
+        self.img_resolution = 4 * 2 ** len(channels)
+        self.num_ws = num_ws_for(self.img_resolution)
+        self.num_ws_official = 3 * (len(channels) - 1) + 2
+        self.const = nn.Parameter(torch.randn(1, channels[0], 4, 4))
+        self.conv1 = MobileStyledConv(channels[0], channels[0], w_dim, depthwise=False, folded=folded)
+        self.to_wavelets1 = ToWavelets(channels[0], w_dim)
+        self.blocks = nn.ModuleList(MobileBlock(c_in, c_out, w_dim, folded)
+                                    for c_in, c_out in zip(channels[:-1], channels[1:]))
+        self._register_noise([4] + [8 * 2**(i // 2) for i in range(2 * len(self.blocks))])
+
+    def style_slots(self, ws_layout):
+        """W+ slot of (conv1, to_wavelets1) and of (up and conv1, conv2, to_wavelets) per block."""
+        if ws_layout == "standard":  # the teacher's sharing: head at R and first conv at 2R read one slot
+            return (0, 1), [(2 * i + 1, 2 * i + 2, 2 * i + 3) for i in range(len(self.blocks))]
+        if ws_layout == "official":  # 3 slots per block; the last slot is never read
+            return (0, 1), [(3 * i + 1, 3 * i + 2, 3 * i + 3) for i in range(len(self.blocks))]
+        raise ValueError(f"ws_layout must be 'standard' or 'official', got {ws_layout!r}")
+
+    def forward(self, ws, noise=None, noise_mode="const", return_freq=False, ws_layout="standard"):
+        (s_conv1, s_head1), block_slots = self.style_slots(ws_layout)
+        ws = _expand_ws(ws, self.num_ws if ws_layout == "standard" else self.num_ws_official, self.w_dim)
+        noise = self.resolve_noise(ws.shape[0], noise, noise_mode, ws.device)
+        x = self.conv1(self.const.expand(ws.shape[0], -1, -1, -1), ws[:, s_conv1], noise[0])
+        freq = [self.to_wavelets1(x, ws[:, s_head1])] if return_freq else []
+        for i, (block, (s_up, s_conv2, s_head)) in enumerate(zip(self.blocks, block_slots)):
+            x = block.up(x, ws[:, s_up])
+            x = block.conv1(x, ws[:, s_up], noise[2 * i + 1])
+            x = block.conv2(x, ws[:, s_conv2], noise[2 * i + 2])
+            if return_freq or i == len(self.blocks) - 1:  # only the last head makes the image
+                freq.append(block.to_wavelets(x, ws[:, s_head]))
+        img = ops.wavelets_to_img(freq[-1])
+        return (img, freq) if return_freq else img
+
+    def fold(self):
+        """Switch to the inference form: demodulation folded into the weights (identical outputs)."""
+        for m in self.modules():
+            if isinstance(m, MobileModulatedConv2d):
+                m.fold_demodulation()
+        self.folded = True
+        return self
+
+
+def standard_to_official_ws(ws, num_blocks):
+    """Standard W+ [B, 2*num_blocks+4, D] -> official MobileStyleGAN W+ [B, 3*num_blocks+2, D]."""
+    idx = [0] + [j for i in range(num_blocks) for j in (2 * i + 1, 2 * i + 2, 2 * i + 3)] + [2 * num_blocks + 1]
+    return ws[:, idx]
+
+
+# ----------------------------------------------------------------------------------------------
+# Generator: mapping + synthesis, NVlabs-style API
+
+
+class Generator(nn.Module):
+    """z -> w (mapping) -> image (synthesis), with truncation around w_avg.
+
+    config: dict(arch="stylegan2"|"mobilestylegan", z_dim, w_dim, mapping_layers, channels[, folded]);
+    everything needed to rebuild the network, saved with its weights.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = dict(config)
+        arch = config["arch"]
+        self.z_dim, self.w_dim = config["z_dim"], config["w_dim"]
+        self.mapping = MappingNetwork(self.z_dim, self.w_dim, config["mapping_layers"])
+        if arch == "stylegan2":
+            self.synthesis = StyleGAN2Synthesis(self.w_dim, config["channels"])
+        elif arch == "mobilestylegan":
+            self.synthesis = MobileSynthesis(self.w_dim, config["channels"], folded=config.get("folded", False))
+        else:
+            raise ValueError(f"unknown generator arch {arch!r}")
+        self.num_ws = self.synthesis.num_ws
+        self.img_resolution = self.synthesis.img_resolution
+        self.register_buffer("w_avg", torch.zeros(self.w_dim))
+
+    @property
+    def is_student(self):
+        return isinstance(self.synthesis, MobileSynthesis)
+
+    def truncate(self, w, psi):
+        """w_avg + psi * (w - w_avg); an exact no-op for psi == 1. Works on [B, D] and [B, num_ws, D]."""
+        return w if psi == 1 else self.w_avg.lerp(w, psi)
+
+    @torch.no_grad()
+    def compute_w_avg(self, samples=W_AVG_SAMPLES, seed=0):
+        z = torch.randn(samples, self.z_dim, generator=torch.Generator().manual_seed(seed))
+        self.w_avg.copy_(self.mapping(z.to(self.w_avg.device)).mean(0))
+
+    def forward(self, z, psi=1.0, noise_mode="const", noise=None):
+        return self.synthesis(self.truncate(self.mapping(z), psi), noise=noise, noise_mode=noise_mode)
+
+    def fold(self):
+        """Inference form of a student (demodulation folded into the weights); a teacher is unchanged."""
+        if self.is_student and not self.synthesis.folded:
+            self.synthesis.fold()
+            self.config["folded"] = True
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# StyleGAN2 discriminator (rosinality's, the one the official MobileStyleGAN uses) and GAN losses.
+# Module names follow rosinality's nn.Sequential layout so its state dicts load unchanged.
+
+
+class Blur(nn.Module):
+    def __init__(self, pad):
+        super().__init__()
+        self.pad = pad
+        self.register_buffer("kernel", ops.make_blur_kernel(), persistent=False)
+
+    def forward(self, x):
+        return ops.upfirdn2d(x, self.kernel, pad=self.pad)
+
+
+class FusedLeakyReLU(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(ch))
+
+    def forward(self, x):
+        return ops.bias_leaky_relu(x, self.bias)
+
+
+def conv_layer(in_ch, out_ch, kernel_size, downsample=False, activate=True, bias=True):
+    """[Blur] -> EqualConv2d -> [bias + lrelu]; downsampling is blur + stride-2 conv."""
+    layers = []
+    if downsample:  # pads make (H + p0 + p1 - 3 - k) // 2 + 1 = H / 2 for the 4-tap blur
+        p = (4 - 2) + (kernel_size - 1)
+        layers.append(Blur(((p + 1) // 2, p // 2, (p + 1) // 2, p // 2)))
+    layers.append(EqualConv2d(in_ch, out_ch, kernel_size, stride=2 if downsample else 1,
+                              padding=0 if downsample else kernel_size // 2, bias=bias and not activate))
+    if activate:
+        layers.append(FusedLeakyReLU(out_ch))
+    return nn.Sequential(*layers)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.conv1 = conv_layer(in_ch, in_ch, 3)
+        self.conv2 = conv_layer(in_ch, out_ch, 3, downsample=True)
+        self.skip = conv_layer(in_ch, out_ch, 1, downsample=True, activate=False, bias=False)
+
+    def forward(self, x):
+        return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2)
+
+
+class Discriminator(nn.Module):
+    """StyleGAN2 residual discriminator: image [B, 3, R, R] -> logits [B, 1].
+
+    channels: widths at R, R/2, ..., 4 (rosinality's table by default). Minibatch stddev over groups of
+    min(B, 4) samples, strided like rosinality's view(G, -1, ...): the batch must be divisible by it.
+    """
+
+    STDDEV_GROUP = 4
+
+    def __init__(self, img_resolution, channels=None):
+        super().__init__()
+        if channels is None:
+            channels = default_channels(img_resolution)[::-1]
+        self.img_resolution, self.channels = img_resolution, list(channels)
+        self.convs = nn.Sequential(conv_layer(3, channels[0], 1),
+                                   *(ResBlock(i, o) for i, o in zip(channels[:-1], channels[1:])))
+        c4 = channels[-1]
+        self.final_conv = conv_layer(c4 + 1, c4, 3)
+        self.final_linear = nn.Sequential(EqualLinear(c4 * 16, c4, activate=True), EqualLinear(c4, 1))
+
+    def minibatch_stddev(self, x):
+        """Append one channel: the stddev over each sample's group, averaged over C, H, W."""
+        B, C, H, W = x.shape
+        group = min(B, self.STDDEV_GROUP)
+        if B % group:
+            raise ValueError(f"discriminator batch {B} is not divisible by the stddev group {group}")
+        y = x.reshape(group, -1, C, H, W)                            # sample j is in group j mod (B/group)
+        s = torch.sqrt(y.var(0, unbiased=False) + 1e-8).mean([1, 2, 3])  # [B/group]
+        return torch.cat([x, s.repeat(group)[:, None, None, None].expand(B, 1, H, W)], dim=1)
+
+    def forward(self, img):
+        x = self.final_conv(self.minibatch_stddev(self.convs(img)))
+        return self.final_linear(x.flatten(1))
+
+
+def d_logistic_loss(real_logits, fake_logits):
+    """Non-saturating discriminator loss: softplus(D(fake)) + softplus(-D(real)), each averaged."""
+    return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+
+
+def g_nonsaturating_loss(fake_logits):
+    return F.softplus(-fake_logits).mean()
+
+
+def r1_penalty(D, real):
+    """Mean over the batch of ||grad_x D(x)||^2 at the real images (rosinality's d_r1_loss)."""
+    real = real.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(D(real).sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint I/O. Three formats: msgan's own, rosinality/stylegan2-pytorch, official MobileStyleGAN.
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the offending key/shape."""
+
+
+def _read(path):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:  # rosinality checkpoints hold their argparse options: allow that one class, nothing else
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+
+
+def _load_into(module, state, path, what):
+    """Strict load with one clear message for a missing, unexpected or wrongly shaped key."""
+    expected = module.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise CheckpointError(f"{path}: {what}: missing key {key!r}")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise CheckpointError(f"{path}: {what}: key {key!r} has shape {list(state[key].shape)}, "
+                                  f"expected {list(value.shape)}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{path}: {what}: unexpected key {unexpected[0]!r}")
+    module.load_state_dict(state)
+    return module
+
+
+def _get(state, key, path):
+    if key not in state:
+        raise CheckpointError(f"{path}: missing key {key!r}")
+    return state[key]
+
+
+def _rename(state, rules):
+    """Rename keys by regex rules applied in order, each to the result of the previous ones.
+
+    A rule is (pattern, replacement) matched against the whole key; replacement None drops the key.
+    """
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in rules:
+            match = re.fullmatch(pattern, key)
+            if match and repl is None:
+                break
+            if match:
+                key = repl(match) if callable(repl) else match.expand(repl)
+        else:
+            out[key] = value
+    return out
+
+
+def _mapping_config(state, prefix, first_index, path):
+    """z_dim, w_dim, layer count from EqualLinear weights `{prefix}{first_index + i}.weight`."""
+    n = 0
+    while f"{prefix}{first_index + n}.weight" in state:
+        n += 1
+    if n == 0:
+        raise CheckpointError(f"{path}: missing key {prefix}{first_index}.weight (mapping network)")
+    w_dim, z_dim = state[f"{prefix}{first_index}.weight"].shape
+    return dict(z_dim=z_dim, w_dim=w_dim, mapping_layers=n)
+
+
+# rosinality key -> msgan key (teacher synthesis). Mapping "style.N" becomes "mapping.layers.N-1".
+ROSINALITY_RULES = [
+    (r"(.*)\.(?:conv\.blur|upsample)\.kernel", None),          # fixed FIR buffers, rebuilt by the modules
+    (r"style\.(\d+)\.(weight|bias)", lambda m: f"mapping.layers.{int(m.group(1)) - 1}.{m.group(2)}"),
+    (r"input\.input", "const"),
+    (r"(.*)\.noise\.weight", r"\1.noise_strength"),
+    (r"(.*)\.activate\.bias", r"\1.bias"),
+    (r"noises\.noise_(\d+)", r"noise_const.\1"),
+    (r"(?!mapping\.)(.*)", r"synthesis.\1"),
+]
+
+
+def _from_rosinality(ckpt, path):
+    state = ckpt["g_ema"] if "g_ema" in ckpt else ckpt["g"]
+    config = dict(arch="stylegan2", **_mapping_config(state, "style.", 1, path))
+    channels = [_get(state, "conv1.conv.weight", path).shape[1]]
+    while f"convs.{2 * (len(channels) - 1)}.conv.weight" in state:
+        channels.append(state[f"convs.{2 * (len(channels) - 1)}.conv.weight"].shape[1])
+    config["channels"] = channels
+    state = _rename(state, ROSINALITY_RULES)
+    for key, value in state.items():  # rosinality stores conv weights as [1, O, I, k, k], biases as [1, 3, 1, 1]
+        if key.endswith("conv.weight") or re.search(r"to_rgbs?\d*(\.\d+)?\.bias$", key):
+            state[key] = value.reshape(value.shape[1:]) if key.endswith("conv.weight") else value.flatten()
+    G = Generator(config)
+    state["w_avg"] = ckpt["latent_avg"].flatten() if "latent_avg" in ckpt else G.w_avg
+    _keep_const_noise(G, state)
+    _load_into(G, state, path, "generator")
+    if "latent_avg" not in ckpt:
+        G.compute_w_avg()
+    return G
+
+
+def _keep_const_noise(G, state):
+    """Checkpoints without noise buffers (official ones) get the network's own seeded const noise."""
+    for key, value in G.state_dict().items():
+        if key.startswith("synthesis.noise_const."):
+            state.setdefault(key, value)
+
+
+# official MobileStyleGAN key (after "student.") -> msgan key (after "synthesis.")
+OFFICIAL_STUDENT_RULES = [
+    (r"device_info|(.*\.)?idwt\.(g0|g1)_(col|row)", None),      # bookkeeping and fixed Haar filters
+    (r"input\.input", "const"),
+    (r"(.*)\.conv\.weight_permute", r"\1.conv.weight"),
+    (r"(.*)\.noise\.weight", r"\1.noise_strength"),
+    (r"to_img1\.(.*)", r"to_wavelets1.\1"),
+    (r"layers\.(\d+)\.to_img\.(.*)", r"blocks.\1.to_wavelets.\2"),
+    (r"layers\.(\d+)\.(.*)", r"blocks.\1.\2"),
+]
+
+
+def _from_official(ckpt, path, part):
+    state = ckpt["state_dict"]
+    mapping = {k[len("mapping_net.layers."):]: v for k, v in state.items() if k.startswith("mapping_net.layers.")}
+    mapping_state = {f"mapping.layers.{int(k.split('.')[0]) - 1}.{k.split('.')[1]}": v for k, v in mapping.items()}
+    config = _mapping_config(state, "mapping_net.layers.", 1, path)
+    w_avg = _get(state, "style_mean", path).reshape(-1, config["w_dim"])[0]
+    if part == "teacher":
+        teacher = {k[len("synthesis_net."):]: v for k, v in state.items() if k.startswith("synthesis_net.")}
+        if not teacher:
+            raise CheckpointError(f"{path}: holds no teacher (no synthesis_net.* keys)")
+        rules = [(r"layers\.(\d+)\.conv1\.(.*)", lambda m: f"convs.{2 * int(m.group(1))}.{m.group(2)}"),
+                 (r"layers\.(\d+)\.conv2\.(.*)", lambda m: f"convs.{2 * int(m.group(1)) + 1}.{m.group(2)}"),
+                 (r"layers\.(\d+)\.to_rgb\.(.*)", r"to_rgbs.\1.\2"), (r"upsample\.kernel", None)]
+        G = _from_rosinality({"g_ema": {**_rename(teacher, rules), **{f"style.{k}": v for k, v in mapping.items()}},
+                              "latent_avg": w_avg}, path)
+        return G
+    student = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+    if not student:
+        raise CheckpointError(f"{path}: holds no student (no student.* keys)")
+    student = _rename(student, OFFICIAL_STUDENT_RULES)
+    channels = [_get(student, "conv1.conv.weight", path).shape[0]]
+    while f"blocks.{len(channels) - 1}.conv2.conv.weight" in student:
+        channels.append(student[f"blocks.{len(channels) - 1}.conv2.conv.weight"].shape[0])
+    for key in list(student):
+        value = student[key]
+        if key.endswith("style_inv") or key.endswith(".bias") and value.ndim == 4:  # [1,1,C,1,1] / [1,C,1,1]
+            student[key] = value.flatten()
+    G = Generator(dict(arch="mobilestylegan", channels=channels, **config))
+    state = {**mapping_state, **{f"synthesis.{k}": v for k, v in student.items()}, "w_avg": w_avg}
+    _keep_const_noise(G, state)
+    return _load_into(G, state, path, "generator")
+
+
+def _discriminator_from_state(state, path):
+    channels = [_get(state, "convs.0.0.weight", path).shape[0]]
+    while f"convs.{len(channels)}.conv2.1.weight" in state:
+        channels.append(state[f"convs.{len(channels)}.conv2.1.weight"].shape[0])
+    D = Discriminator(4 * 2 ** (len(channels) - 1), channels)
+    state = {k: v for k, v in state.items() if not k.endswith(".kernel")}  # fixed blur buffers
+    return _load_into(D, state, path, "discriminator")
+
+
+def _build(entry, path, part):
+    if part == "discriminator":
+        D = Discriminator(entry["config"]["img_resolution"], entry["config"]["channels"])
+        return _load_into(D, entry["state_dict"], path, part)
+    return _load_into(Generator(entry["config"]), entry["state_dict"], path, part)
+
+
+def load(src, device="cpu", part="generator"):
+    """Load a network from a checkpoint file.
+
+    src: path to a msgan, rosinality/stylegan2-pytorch or official MobileStyleGAN checkpoint.
+    part: "generator" (the student of an official checkpoint, else the stored generator), "teacher"
+    (the StyleGAN2 teacher of an official or msgan checkpoint) or "discriminator".
+    Returns the module in eval mode on `device`. Raises CheckpointError with a one-line reason.
+    """
+    if part not in ("generator", "teacher", "discriminator"):
+        raise ValueError(f"part must be 'generator', 'teacher' or 'discriminator', got {part!r}")
+    path = os.fspath(src)
+    ckpt = _read(path)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: unknown checkpoint format (a {type(ckpt).__name__}, not a dict)")
+    if ckpt.get("format") == FORMAT_NAME:
+        if ckpt.get("version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: msgan checkpoint version {ckpt.get('version')} is not supported")
+        if part not in ckpt:
+            raise CheckpointError(f"{path}: holds no {part} (it has: {', '.join(k for k in ckpt if k in ('generator', 'teacher', 'discriminator'))})")
+        net = _build(ckpt[part], path, part)
+    elif "g_ema" in ckpt or "g" in ckpt:
+        if part == "discriminator":
+            net = _discriminator_from_state(_get(ckpt, "d", path), path)
+        else:
+            net = _from_rosinality(ckpt, path)
+    elif isinstance(ckpt.get("state_dict"), dict) and any(k.startswith("mapping_net.") for k in ckpt["state_dict"]):
+        if part == "discriminator":
+            prefix = "loss.gan_loss.m."
+            state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+            net = _discriminator_from_state(state, path)
+        else:
+            net = _from_official(ckpt, path, part)
+    else:
+        keys = ", ".join(list(map(str, ckpt))[:5])
+        raise CheckpointError(f"{path}: unknown checkpoint format (top-level keys: {keys})")
+    return net.to(device).eval()
+
+
+def _entry(net):
+    config = net.config if isinstance(net, Generator) else dict(img_resolution=net.img_resolution, channels=net.channels)
+    return {"config": config, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+
+
+def save(path, generator=None, teacher=None, discriminator=None, **extra):
+    """Write a msgan checkpoint atomically (temp file + rename): loadable with weights_only=True."""
+    ckpt = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **extra}
+    for name, net in (("generator", generator), ("teacher", teacher), ("discriminator", discriminator)):
+        if net is not None:
+            ckpt[name] = _entry(net)
+    atomic_save(ckpt, path)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same folder, then rename: never a half-written `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
