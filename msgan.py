@@ -16,10 +16,17 @@ the resolutions it has, so one code drives teacher and student. The official Mob
 (3 slots per block) is available with ws_layout="official".
 """
 import argparse
+import hashlib
 import math
 import os
 import re
+import subprocess
+import sys
 import tempfile
+import zipfile
+from xml.etree import ElementTree
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -544,7 +551,7 @@ class CheckpointError(ValueError):
 
 def _read(path):
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: no such file, and not a pretrained model name ({', '.join(PRETRAINED)})")
     try:  # rosinality checkpoints hold their argparse options: allow that one class, nothing else
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -552,18 +559,22 @@ def _read(path):
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
 
 
-def _load_into(module, state, path, what):
-    """Strict load with one clear message for a missing, unexpected or wrongly shaped key."""
+def _load_into(module, state, path, what, file_keys=None):
+    """Strict load with one clear message for a missing, unexpected or wrongly shaped key.
+
+    file_keys: msgan key -> the key's name in the file, so that messages name what the user has.
+    """
+    named = (file_keys or {}).get
     expected = module.state_dict()
     for key, value in expected.items():
         if key not in state:
             raise CheckpointError(f"{path}: {what}: missing key {key!r}")
         if tuple(state[key].shape) != tuple(value.shape):
-            raise CheckpointError(f"{path}: {what}: key {key!r} has shape {list(state[key].shape)}, "
+            raise CheckpointError(f"{path}: {what}: key {named(key, key)!r} has shape {list(state[key].shape)}, "
                                   f"expected {list(value.shape)}")
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise CheckpointError(f"{path}: {what}: unexpected key {unexpected[0]!r}")
+        raise CheckpointError(f"{path}: {what}: unexpected key {named(unexpected[0], unexpected[0])!r}")
     module.load_state_dict(state)
     return module
 
@@ -574,13 +585,15 @@ def _get(state, key, path):
     return state[key]
 
 
-def _rename(state, rules):
+def _rename(state, rules, file_keys=None):
     """Rename keys by regex rules applied in order, each to the result of the previous ones.
 
     A rule is (pattern, replacement) matched against the whole key; replacement None drops the key.
+    file_keys, when given, records new key -> original key.
     """
     out = {}
-    for key, value in state.items():
+    for original, value in state.items():
+        key = original
         for pattern, repl in rules:
             match = re.fullmatch(pattern, key)
             if match and repl is None:
@@ -589,6 +602,8 @@ def _rename(state, rules):
                 key = repl(match) if callable(repl) else match.expand(repl)
         else:
             out[key] = value
+            if file_keys is not None:
+                file_keys[key] = original
     return out
 
 
@@ -622,14 +637,15 @@ def _from_rosinality(ckpt, path):
     while f"convs.{2 * (len(channels) - 1)}.conv.weight" in state:
         channels.append(state[f"convs.{2 * (len(channels) - 1)}.conv.weight"].shape[1])
     config["channels"] = channels
-    state = _rename(state, ROSINALITY_RULES)
+    file_keys = {}
+    state = _rename(state, ROSINALITY_RULES, file_keys)
     for key, value in state.items():  # rosinality stores conv weights as [1, O, I, k, k], biases as [1, 3, 1, 1]
         if key.endswith("conv.weight") or re.search(r"to_rgbs?\d*(\.\d+)?\.bias$", key):
             state[key] = value.reshape(value.shape[1:]) if key.endswith("conv.weight") else value.flatten()
     G = Generator(config)
     state["w_avg"] = ckpt["latent_avg"].flatten() if "latent_avg" in ckpt else G.w_avg
     _keep_const_noise(G, state)
-    _load_into(G, state, path, "generator")
+    _load_into(G, state, path, "generator", file_keys)
     if "latent_avg" not in ckpt:
         G.compute_w_avg()
     return G
@@ -673,7 +689,8 @@ def _from_official(ckpt, path, part):
     student = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
     if not student:
         raise CheckpointError(f"{path}: holds no student (no student.* keys)")
-    student = _rename(student, OFFICIAL_STUDENT_RULES)
+    file_keys = {}
+    student = _rename(student, OFFICIAL_STUDENT_RULES, file_keys)
     channels = [_get(student, "conv1.conv.weight", path).shape[0]]
     while f"blocks.{len(channels) - 1}.conv2.conv.weight" in student:
         channels.append(student[f"blocks.{len(channels) - 1}.conv2.conv.weight"].shape[0])
@@ -684,7 +701,183 @@ def _from_official(ckpt, path, part):
     G = Generator(dict(arch="mobilestylegan", channels=channels, **config))
     state = {**mapping_state, **{f"synthesis.{k}": v for k, v in student.items()}, "w_avg": w_avg}
     _keep_const_noise(G, state)
-    return _load_into(G, state, path, "generator")
+    file_keys = {f"synthesis.{k}": f"student.{v}" for k, v in file_keys.items()}
+    return _load_into(G, state, path, "generator", file_keys)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrained models. "ffhq" is the official MobileStyleGAN FFHQ-1024, which its author ships as OpenVINO
+# IR inside the PyPI wheel random-face (Apache-2.0). It is fetched with pip, checked by sha256, and
+# imported once into msgan's format in weights/; OpenVINO itself is never needed.
+
+WEIGHTS_DIR = os.environ.get("MSGAN_WEIGHTS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"))
+RANDOM_FACE_REQUIREMENT = "random-face==2021.7.21.1"
+RANDOM_FACE_WHEEL = "random_face-2021.7.21.1-py3-none-any.whl"
+RANDOM_FACE_SHA256 = {
+    RANDOM_FACE_WHEEL: "e5d10e2be7df63f06123855ec591ca35dcb1d059eba47ddcb175d7d26b4019b5",
+    "random_face/data/MappingNetwork.xml": "73e2096cad6e696e4af47df2477e048ab4c42c0e0dec83c7c66604822689e55b",
+    "random_face/data/MappingNetwork.bin": "212dd716bdb556e18db603ea97300d4fa3c872b878c726b2402fea80820e7305",
+    "random_face/data/SynthesisNetwork.xml": "7918fce515243954d3e06628cb39a23902d6b1d5d02932cc0c2faee7a2aeeedd",
+    "random_face/data/SynthesisNetwork.bin": "c7da15fa22d508c82e1c30dd6b4cdf67fe3ccdddaf85b310ee764dbf0c289645",
+}
+FFHQ_CONFIG = dict(arch="mobilestylegan", z_dim=512, w_dim=512, mapping_layers=8,
+                   channels=[512, 512, 512, 512, 512, 256, 128, 64], folded=True)
+PRETRAINED = {"ffhq": "ffhq.pt"}
+
+
+class DownloadError(RuntimeError):
+    """A pretrained model could not be fetched or failed its checksum."""
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def fetch_random_face_wheel(cache_dir):
+    """The random-face wheel in cache_dir, downloaded with pip (no dependencies) unless cached intact."""
+    wheel = os.path.join(cache_dir, RANDOM_FACE_WHEEL)
+    expected = RANDOM_FACE_SHA256[RANDOM_FACE_WHEEL]
+    if os.path.isfile(wheel):
+        with open(wheel, "rb") as f:
+            if _sha256(f.read()) == expected:
+                return wheel
+        os.unlink(wheel)  # a corrupt or partial cache entry: fetch it again
+    os.makedirs(cache_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--quiet", "-d", tmp, RANDOM_FACE_REQUIREMENT]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        got = os.path.join(tmp, RANDOM_FACE_WHEEL)
+        if result.returncode != 0 or not os.path.isfile(got):
+            reason = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise DownloadError(f"could not download {RANDOM_FACE_REQUIREMENT} with pip ({reason}); "
+                                f"with no network, put {RANDOM_FACE_WHEEL} into {cache_dir}")
+        with open(got, "rb") as f:
+            if _sha256(f.read()) != expected:
+                raise DownloadError(f"{RANDOM_FACE_WHEEL}: sha256 mismatch, refusing to use it")
+        os.replace(got, wheel)
+    return wheel
+
+
+class _OpenVinoIR:
+    """Just enough of an OpenVINO IR (v10) graph: layers, data edges and the payload of Const layers."""
+
+    def __init__(self, xml_bytes, bin_bytes):
+        root = ElementTree.fromstring(xml_bytes)
+        self.bin = bin_bytes
+        self.layers = {layer.get("id"): layer for layer in root.find("layers")}
+        self.by_name = {layer.get("name"): layer.get("id") for layer in root.find("layers")}
+        self.inputs, self.users = {}, {}  # layer -> {port: source layer}, layer -> [consumer layers]
+        for edge in root.find("edges"):
+            src, dst = edge.get("from-layer"), edge.get("to-layer")
+            self.inputs.setdefault(dst, {})[int(edge.get("to-port"))] = src
+            self.users.setdefault(src, []).append(dst)
+
+    def type(self, layer):
+        return self.layers[layer].get("type")
+
+    def args(self, layer):
+        return [src for _, src in sorted(self.inputs[layer].items())]
+
+    def arg_of_type(self, layer, type_):
+        (found,) = [a for a in self.args(layer) if self.type(a) == type_]
+        return found
+
+    def next_of_type(self, layer, type_):
+        """Breadth-first along the data flow: the nearest consumer of the given type."""
+        queue = list(self.users.get(layer, []))
+        while queue:
+            cur = queue.pop(0)
+            if self.type(cur) == type_:
+                return cur
+            queue += self.users.get(cur, [])
+        raise ValueError(f"no {type_} after layer {layer}")
+
+    def const(self, layer):
+        if isinstance(layer, str) and layer not in self.layers:
+            layer = self.by_name[layer]
+        data = self.layers[layer].find("data").attrib
+        if self.type(layer) != "Const" or data["element_type"] != "f32":
+            raise ValueError(f"IR layer {layer} is not a float32 Const")
+        shape = [int(d) for d in data["shape"].split(",")] if data["shape"].strip() else []
+        array = np.frombuffer(self.bin, np.float32, math.prod(shape), int(data["offset"]))
+        return torch.from_numpy(array.reshape(shape).copy())
+
+
+def _import_mapping(ir, w_dim):
+    """8 x (MatMul -> Add(Reshape(bias)) -> PReLU -> x sqrt2): weights folded with the EqualLinear scales."""
+    state, layer = {}, ir.by_name["var"]
+    weight_scale = torch.tensor(MAPPING_LR_MUL / math.sqrt(w_dim), dtype=torch.float32)
+    for k in range(FFHQ_CONFIG["mapping_layers"]):
+        layer = ir.next_of_type(layer, "MatMul")
+        bias_add = ir.next_of_type(layer, "Add")
+        bias = ir.args(bias_add)[1]
+        bias = ir.args(bias)[0] if ir.type(bias) == "Reshape" else bias
+        state[f"mapping.layers.{k}.weight"] = ir.const(ir.args(layer)[1]) / weight_scale  # back to raw N(0,1)/lr_mul
+        state[f"mapping.layers.{k}.bias"] = ir.const(bias) / torch.tensor(MAPPING_LR_MUL)
+    return state
+
+
+def _import_modulation(ir, official, ours, state):
+    state[f"{ours}.modulation.weight"] = ir.const(f"m.{official}.modulation.weight")
+    state[f"{ours}.modulation.bias"] = ir.const(f"m.{official}.modulation.bias").flatten()  # stored [1, C]
+
+
+def _import_styled_conv(ir, official, ours, state):
+    """One styled conv: bias and modulation by name; the folded weight and noise sit next to the bias."""
+    bias = ir.by_name[f"m.{official}.bias"]
+    noise_add = next(a for a in ir.args(ir.users[bias][0]) if a != bias)   # (conv + noise) + bias
+    conv = ir.arg_of_type(noise_add, "Convolution")
+    noise = ir.const(ir.arg_of_type(noise_add, "Const"))  # noise_strength * noise, baked by the tracer
+    strength = noise.std(unbiased=False)                  # any positive split is exact; this one keeps
+    state[f"{ours}.noise_strength"] = strength.reshape(1)  # noise_mode="random" at the original strength
+    state[f"{ours}.conv.weight"] = ir.const(ir.args(conv)[1])
+    state[f"{ours}.bias"] = ir.const(bias).flatten()
+    _import_modulation(ir, f"{official}.conv", f"{ours}.conv", state)
+    if f"m.{official}.conv.weight_dw" in ir.by_name:
+        state[f"{ours}.conv.weight_dw"] = ir.const(f"m.{official}.conv.weight_dw").flatten(1, 2)  # [C,1,1,k,k]
+    return noise / strength
+
+
+def import_random_face(wheel):
+    """Rebuild the FFHQ-1024 Generator (folded student + mapping) from the random-face wheel's IR."""
+    files = {}
+    with zipfile.ZipFile(wheel) as zf:
+        for name, digest in RANDOM_FACE_SHA256.items():
+            if name.startswith("random_face/"):
+                files[name] = zf.read(name)
+                if _sha256(files[name]) != digest:
+                    raise DownloadError(f"{wheel}: {name}: sha256 mismatch")
+    data = "random_face/data/"
+    mapping = _OpenVinoIR(files[data + "MappingNetwork.xml"], files[data + "MappingNetwork.bin"])
+    ir = _OpenVinoIR(files[data + "SynthesisNetwork.xml"], files[data + "SynthesisNetwork.bin"])
+    G = Generator(FFHQ_CONFIG)
+    state = {k: torch.zeros_like(v) for k, v in G.state_dict().items()}  # absent: the non-final freq heads
+    state.update(_import_mapping(mapping, G.w_dim))
+    state["synthesis.const"] = ir.const("m.input.input")
+    convs = [("conv1", "conv1")] + [(f"layers.{i}.conv{j}", f"blocks.{i}.conv{j}")
+                                    for i in range(len(G.synthesis.blocks)) for j in (1, 2)]
+    for index, (official, ours) in enumerate(convs):
+        state[f"synthesis.noise_const.{index}"] = _import_styled_conv(ir, official, f"synthesis.{ours}", state)
+    for i in range(len(G.synthesis.blocks)):
+        _import_modulation(ir, f"layers.{i}.up", f"synthesis.blocks.{i}.up", state)
+    last = len(G.synthesis.blocks) - 1
+    head = f"synthesis.blocks.{last}.to_wavelets"  # the only wavelet head that makes the image
+    _import_modulation(ir, f"layers.{last}.to_img.conv", f"{head}.conv", state)
+    state[f"{head}.conv.weight"] = ir.const(f"m.layers.{last}.to_img.conv.weight")
+    state[f"{head}.bias"] = ir.const(f"m.layers.{last}.to_img.bias").flatten()
+    _load_into(G, state, wheel, "random-face import")
+    G.compute_w_avg()
+    return G.eval()
+
+
+def pretrained_path(name):
+    """Path of a pretrained model in WEIGHTS_DIR, fetched and imported on first use."""
+    path = os.path.join(WEIGHTS_DIR, PRETRAINED[name])
+    if not os.path.isfile(path):
+        G = import_random_face(fetch_random_face_wheel(os.path.join(WEIGHTS_DIR, "cache")))
+        save(path, generator=G, source=f"{RANDOM_FACE_REQUIREMENT} (OpenVINO IR), imported by msgan")
+    return path
 
 
 def _discriminator_from_state(state, path):
@@ -706,14 +899,15 @@ def _build(entry, path, part):
 def load(src, device="cpu", part="generator"):
     """Load a network from a checkpoint file.
 
-    src: path to a msgan, rosinality/stylegan2-pytorch or official MobileStyleGAN checkpoint.
+    src: a pretrained model name (see PRETRAINED: "ffhq"), or the path to a msgan,
+    rosinality/stylegan2-pytorch or official MobileStyleGAN checkpoint.
     part: "generator" (the student of an official checkpoint, else the stored generator), "teacher"
     (the StyleGAN2 teacher of an official or msgan checkpoint) or "discriminator".
     Returns the module in eval mode on `device`. Raises CheckpointError with a one-line reason.
     """
     if part not in ("generator", "teacher", "discriminator"):
         raise ValueError(f"part must be 'generator', 'teacher' or 'discriminator', got {part!r}")
-    path = os.fspath(src)
+    path = pretrained_path(src) if src in PRETRAINED else os.fspath(src)
     ckpt = _read(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: unknown checkpoint format (a {type(ckpt).__name__}, not a dict)")

@@ -1,0 +1,210 @@
+"""Generate images with a pretrained or trained generator.
+
+    python sample.py -n 64                         # 64 PNGs + grid.jpg of the default model (ffhq) in out/
+    python sample.py --seeds 0-7 --trunc 0.7       # seeds 0..7, truncation psi 0.7
+    python sample.py --model ckpt.pt --compare teacher.pt --seeds 0-3   # teacher | student pairs
+    python sample.py --interpolate --seeds 0-4     # looping GIF through the seeds' w codes
+    python sample.py --bench                       # median ms/image of the model on this machine
+
+Image k of seed s is the same on every run and batch size: z (and, with --noise-mode random, the
+noise) comes from a generator seeded with s alone.
+"""
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import msgan
+
+GRID_TILE = 256          # grid tiles are downscaled to at most this many pixels
+GIF_SIZE = 256           # GIF frames, pixels
+GIF_FRAME_MS = 40        # 25 frames per second
+BENCH_WARMUP, BENCH_RUNS = 2, 10
+
+
+def parse_seeds(text):
+    """'0-63' -> [0..63]; '1,5,9' -> [1, 5, 9]; combinations such as '0-3,10'."""
+    seeds = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
+            raise argparse.ArgumentTypeError(f"bad seed list {text!r} (expected e.g. 0-63 or 1,5,9)")
+        seeds += range(int(lo), int(hi) + 1) if hi else [int(lo)]
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"seed list {text!r} is empty")
+    return seeds
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def seeded_inputs(G, seeds, noise_mode, device):
+    """z [B, z_dim] and the noise list for these seeds; each sample depends on its own seed only."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    z = torch.stack([torch.randn(G.z_dim, generator=g) for g in gens])
+    noise = None
+    if noise_mode == "random":  # [B, 1, r, r] per styled conv, drawn after z from each seed's generator
+        noise = [torch.cat([torch.randn(1, 1, r, r, generator=g) for g in gens]).to(device)
+                 for r in G.synthesis.noise_resolutions]
+    return z.to(device), noise
+
+
+def to_uint8(img):
+    """[B, 3, H, W] in about [-1, 1] -> [B, H, W, 3] uint8 (the NVlabs rounding)."""
+    return (img * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_image(array, path, **kwargs):
+    """Write atomically: a temp file in the same folder, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        image = array if isinstance(array, Image.Image) else Image.fromarray(array)
+        image.save(tmp, **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def make_grid(images):
+    """List of [H, W, 3] uint8 -> one grid image with ceil(sqrt(n)) columns of tiles <= GRID_TILE."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    tile = min(GRID_TILE, images[0].shape[0])
+    grid = Image.new("RGB", (cols * tile, rows * tile))
+    for i, array in enumerate(images):
+        grid.paste(Image.fromarray(array).resize((tile, tile), Image.LANCZOS), ((i % cols) * tile, (i // cols) * tile))
+    return grid
+
+
+class Progress:
+    def __init__(self, total, what):
+        self.total, self.what, self.start = total, what, time.time()
+
+    def update(self, done):
+        rate = (time.time() - self.start) / max(done, 1)
+        print(f"\r{self.what} {done}/{self.total}  {rate:.2f} s/image  ETA {rate * (self.total - done):.0f} s",
+              end="" if done < self.total else "\n", file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def generate(G, seeds, psi, noise_mode, batch, device, teacher=None, progress=None):
+    """Yield (seed, image [H, W, 3] uint8) in seed order; with a teacher, teacher | student side by side."""
+    for start in range(0, len(seeds), batch):
+        chunk = seeds[start:start + batch]
+        source = teacher or G  # the teacher's noise list also feeds the student (it takes the first maps)
+        z, noise = seeded_inputs(source, chunk, noise_mode, device)
+        if teacher is not None and noise is None and noise_mode == "const":
+            noise = teacher.synthesis.resolve_noise(len(chunk), None, "const", device)
+        w = G.mapping(z)
+        img = G.synthesis(G.truncate(w, psi), noise=noise, noise_mode=noise_mode)
+        if teacher is not None:
+            ref = teacher.synthesis(teacher.truncate(teacher.mapping(z), psi), noise=noise, noise_mode=noise_mode)
+            img = F.interpolate(img, size=ref.shape[-2:], mode="bilinear", align_corners=False) \
+                if img.shape[-1] != ref.shape[-1] else img
+            img = torch.cat([ref, img], dim=3)
+        for seed, array in zip(chunk, to_uint8(img)):
+            yield seed, array
+        if progress:
+            progress.update(start + len(chunk))
+
+
+@torch.no_grad()
+def interpolate_gif(G, seeds, psi, frames, device, path):
+    """Looping GIF: linear interpolation in w between consecutive seeds (and back to the first)."""
+    z, _ = seeded_inputs(G, seeds, "const", device)
+    w = G.truncate(G.mapping(z), psi)
+    keys = torch.cat([w, w[:1]])
+    progress, images = Progress(len(seeds) * frames, "frames"), []
+    for k in range(len(seeds)):
+        for t in torch.arange(frames) / frames:
+            img = G.synthesis(keys[k].lerp(keys[k + 1], t.item())[None], noise_mode="const")
+            images.append(Image.fromarray(to_uint8(img)[0]).resize((GIF_SIZE, GIF_SIZE), Image.LANCZOS))
+            progress.update(len(images))
+    save_image(images[0], path, save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0)
+
+
+@torch.no_grad()
+def benchmark(G, device):
+    """Median milliseconds per image (batch 1, const noise) after a warm-up."""
+    w = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(0)).to(device))
+    times = []
+    for i in range(BENCH_WARMUP + BENCH_RUNS):
+        start = time.perf_counter()
+        G.synthesis(w)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[BENCH_WARMUP:])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ffhq", help="pretrained name (ffhq) or checkpoint path")
+    parser.add_argument("-n", type=positive_int, default=None, help="number of images (seeds --seed .. --seed+n-1)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed with -n (default 0)")
+    parser.add_argument("--seeds", type=parse_seeds, help="explicit seeds, e.g. 0-63 or 1,5,9")
+    parser.add_argument("--trunc", type=float, default=1.0, help="truncation psi (1 = none)")
+    parser.add_argument("--noise-mode", choices=["const", "random", "none"], default="const")
+    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--outdir", default="out")
+    parser.add_argument("--compare", metavar="TEACHER", help="also run this teacher: writes teacher | student pairs")
+    parser.add_argument("--interpolate", action="store_true", help="write a looping GIF through the seeds")
+    parser.add_argument("--frames", type=positive_int, default=24, help="GIF frames per seed transition")
+    parser.add_argument("--bench", action="store_true", help="print median ms/image and exit")
+    args = parser.parse_args(argv)
+    if args.seeds is not None and args.n is not None:
+        parser.error("give either -n or --seeds, not both")
+    seeds = args.seeds or list(range(args.seed, args.seed + (args.n or 8)))
+
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        parser.error(f"--device {args.device}: {str(e).splitlines()[0]}")
+    try:
+        G = msgan.load(args.model, device=device).fold()
+        teacher = msgan.load(args.compare, device=device) if args.compare else None
+        if teacher is not None and teacher.z_dim != G.z_dim:
+            raise ValueError(f"--compare: teacher z_dim {teacher.z_dim} != model z_dim {G.z_dim}")
+        if args.bench:
+            ms = benchmark(G, device)
+            print(f"{args.model}: {G.img_resolution}x{G.img_resolution}, {device}, batch 1: "
+                  f"median {ms:.1f} ms/image ({torch.get_num_threads()} threads)")
+            return 0
+        os.makedirs(args.outdir, exist_ok=True)
+        if args.interpolate:
+            path = os.path.join(args.outdir, "interpolation.gif")
+            interpolate_gif(G, seeds, args.trunc, args.frames, device, path)
+            print(f"wrote {path}")
+            return 0
+        images = []
+        progress = Progress(len(seeds), "images")
+        for seed, array in generate(G, seeds, args.trunc, args.noise_mode, args.batch, device, teacher, progress):
+            save_image(array, os.path.join(args.outdir, f"seed{seed:04d}.png"))
+            images.append(array)
+        save_image(make_grid(images), os.path.join(args.outdir, "grid.jpg"), quality=90)
+        print(f"wrote {len(images)} images and grid.jpg to {os.path.abspath(args.outdir)}")
+    except (msgan.CheckpointError, msgan.DownloadError, ValueError, OSError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nsample.py: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,664 @@
+"""Tests of the core library (msgan.py, ops.py) against the golden outputs of the original projects.
+
+Golden data: ../shared/reference (see mobilestylegan_reference_public.md and discriminator_and_loss_public.md
+there for what every stored tensor is and the exact call that produced it). Every checkpoint is written to a
+temporary folder with torch.save and read back through msgan.load, exactly as a user would.
+
+    python -m pytest -q test_msgan.py
+"""
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import msgan
+import ops
+import sample
+
+REF = Path(__file__).resolve().parent.parent / "shared" / "reference"
+TOL = 1e-4          # max-abs tolerance of a float32 re-implementation (see the reference's "Numerical tolerance")
+D_TOL = 1e-5        # discriminator logits and losses are small, well-conditioned numbers
+NUM_BLOCKS = 3      # the reference student: 4x4 conv + 3 blocks (8, 16, 32) + final IDWT -> 64x64
+UPFIRDN2D_CASES = ["upsample_x2", "blur_after_conv_transpose", "disc_blur_k3", "disc_blur_k1_skip",
+                   "downsample_x2", "down2_pad22", "down2_pad11", "asym_kernel_up2", "asym_kernel_general",
+                   "asym_kernel_negpad"]
+
+
+def assert_max_abs(actual, expected, tol=TOL, what="output"):
+    assert actual.shape == expected.shape, f"{what}: shape {list(actual.shape)} != expected {list(expected.shape)}"
+    err = (actual.detach() - expected).abs().max().item()
+    assert err <= tol, f"{what}: max |diff| = {err:.3g} > {tol:g}"
+
+
+def assert_rel(actual, expected, rel):
+    actual, expected = float(torch.as_tensor(actual).detach()), float(expected)
+    assert abs(actual - expected) <= rel * abs(expected), f"{actual!r} vs {expected!r} (rel tol {rel:g})"
+
+
+def contains_shape(message, shape):
+    """Whether an error message spells out `shape` ("[3, 5]", "(3, 5)", "3x5", torch.Size([3, 5]), ...)."""
+    dims = r"\s*[,x×]\s*".join(str(d) for d in shape)
+    return re.search(rf"(?<![\d.]){dims}(?![\d.])", message) is not None
+
+
+def load_reference(name):
+    path = REF / name
+    if not path.is_file():
+        pytest.fail(f"golden reference {path} is missing: the tests need ../shared/reference next to this repo")
+    return torch.load(path, weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures: the reference data (loaded once) and checkpoints written to a temporary folder
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return load_reference("mobilestylegan_reference_public.pt")
+
+
+@pytest.fixture(scope="module")
+def dref():
+    return load_reference("discriminator_and_loss_public.pt")["discriminator"]
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory, ref, dref):
+    """The reference checkpoints as files: rosinality generator, official MobileStyleGAN, rosinality training."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    torch.save(ref["rosinality"]["checkpoint"], folder / "rosinality.pt")
+    torch.save(ref["mobilestylegan"]["checkpoint"], folder / "official.pt")
+    torch.save({"g_ema": ref["rosinality"]["checkpoint"]["g_ema"], "d": dref["checkpoint"]["d"]},
+               folder / "rosinality_train.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def teacher(ckpt_dir):
+    return msgan.load(ckpt_dir / "rosinality.pt")
+
+
+@pytest.fixture(scope="module")
+def student(ckpt_dir):
+    return msgan.load(ckpt_dir / "official.pt")
+
+
+@pytest.fixture(scope="module")
+def D(ckpt_dir):
+    return msgan.load(ckpt_dir / "rosinality_train.pt", part="discriminator")
+
+
+@pytest.fixture(scope="module")
+def r(ref):
+    """Shortcut: rosinality inputs and outputs (no name is both)."""
+    inputs, outputs = ref["rosinality"]["inputs"], ref["rosinality"]["outputs"]
+    assert not set(inputs) & set(outputs)
+    return {**inputs, **outputs}
+
+
+@pytest.fixture(scope="module")
+def mi(ref):
+    """Shortcut: official MobileStyleGAN inputs."""
+    return ref["mobilestylegan"]["inputs"]
+
+
+@pytest.fixture(scope="module")
+def mo(ref):
+    """Shortcut: official MobileStyleGAN outputs."""
+    return ref["mobilestylegan"]["outputs"]
+
+
+@pytest.fixture(scope="module")
+def student_noise(mi):
+    """The official noise [n4, cat(n8a, n8b), ...] as msgan's list: one [1, 1, S, S] map per styled conv."""
+    noise = mi["noise"]
+    return [noise[0]] + [n[j:j + 1] for n in noise[1:] for j in (0, 1)]
+
+
+def const_noise(G):
+    """The generator's stored "const" noise buffers, in forward order."""
+    state = G.synthesis.state_dict()
+    keys = sorted((k for k in state if k.startswith("noise_const.")), key=lambda k: int(k.split(".")[-1]))
+    return [state[k] for k in keys]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. rosinality teacher
+
+
+@torch.no_grad()
+def test_teacher_mapping_matches_rosinality(teacher, r):
+    assert_max_abs(teacher.mapping(r["z"]), r["w"])
+
+
+@torch.no_grad()
+def test_teacher_img_z_with_reference_noise(teacher, r):
+    assert_max_abs(teacher.synthesis(teacher.mapping(r["z"]), noise=r["noise"]), r["img_z"])
+
+
+@torch.no_grad()
+def test_teacher_const_noise_is_the_checkpoint_noise(teacher, r):
+    assert_max_abs(teacher(r["z"], noise_mode="const"), r["img_z"])
+
+
+@torch.no_grad()
+def test_teacher_truncation_around_latent_avg(teacher, r, ref):
+    assert torch.equal(teacher.w_avg, ref["rosinality"]["checkpoint"]["latent_avg"])
+    assert torch.equal(teacher.w_avg[None], r["truncation_latent"])
+    w = teacher.truncate(teacher.mapping(r["z"]), r["truncation"])
+    assert_max_abs(w[:, None].expand(-1, teacher.num_ws, -1), r["latent_z_trunc"])
+    assert_max_abs(teacher(r["z"], psi=r["truncation"]), r["img_z_trunc"])
+
+
+@torch.no_grad()
+def test_teacher_wplus(teacher, r):
+    assert_max_abs(teacher.synthesis(r["wplus"], noise=r["noise"]), r["img_wplus"])
+
+
+@torch.no_grad()
+def test_teacher_wplus_truncated(teacher, r):
+    ws = teacher.truncate(r["wplus"], r["truncation"])
+    assert_max_abs(teacher.synthesis(ws, noise=r["noise"]), r["img_wplus_trunc"])
+
+
+@torch.no_grad()
+def test_teacher_style_mixing(teacher, r):
+    """W+ slots < inject_index from mapping(z), the rest from mapping(z2)."""
+    cut = r["inject_index"]
+    w1, w2 = teacher.mapping(r["z"]), teacher.mapping(r["z2"])
+    ws = torch.cat([w1[:, None].expand(-1, cut, -1), w2[:, None].expand(-1, teacher.num_ws - cut, -1)], dim=1)
+    assert_max_abs(ws, r["latent_mix"])
+    assert_max_abs(teacher.synthesis(ws, noise=r["noise"]), r["img_mix"])
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. official MobileStyleGAN student
+
+
+@torch.no_grad()
+def test_student_mapping_matches_official(student, mi, mo):
+    assert_max_abs(student.mapping(mi["z"]), mi["w"])
+    assert torch.equal(mo["w_from_z"], mi["w"])
+
+
+@torch.no_grad()
+def test_student_single_w_img_and_every_freq(student, mi, mo, student_noise):
+    img, freq = student.synthesis(mi["w"], noise=student_noise, return_freq=True)
+    assert_max_abs(img, mo["single_w"]["img"], what="img")
+    assert len(freq) == len(mo["single_w"]["freq"]) == NUM_BLOCKS + 1
+    for k, (got, expected) in enumerate(zip(freq, mo["single_w"]["freq"])):
+        assert_max_abs(got, expected, what=f"freq[{k}]")
+    assert torch.equal(student.synthesis(mi["w"], noise=student_noise), img)  # same img without return_freq
+
+
+@torch.no_grad()
+def test_student_official_wplus_img_and_every_freq(student, mi, mo, student_noise):
+    img, freq = student.synthesis(mi["wplus"], noise=student_noise, return_freq=True, ws_layout="official")
+    assert_max_abs(img, mo["wplus"]["img"], what="img")
+    assert len(freq) == len(mo["wplus"]["freq"]) == NUM_BLOCKS + 1
+    for k, (got, expected) in enumerate(zip(freq, mo["wplus"]["freq"])):
+        assert_max_abs(got, expected, what=f"freq[{k}]")
+
+
+@torch.no_grad()
+def test_student_distiller_truncation(student, ref, mi, mo, student_noise):
+    """Distiller.forward(truncated=True): style_mean + 0.5 * (mapping(z) - style_mean), official W+ layout."""
+    style_mean = ref["mobilestylegan"]["checkpoint"]["state_dict"]["style_mean"]  # [1, 11, 64]
+    assert torch.equal(student.w_avg, style_mean[0, 0])
+    assert torch.equal(student.w_avg, ref["rosinality"]["checkpoint"]["latent_avg"])
+    expected = mo["distiller_truncated_b1"]
+    w = student.mapping(mi["z_distiller_b1"])
+    ws = student.truncate(w[:, None].expand(-1, style_mean.shape[1], -1), 0.5)
+    assert_max_abs(ws, expected["style"], what="style")
+    assert_max_abs(student.synthesis(ws, noise=student_noise, ws_layout="official"), expected["img"], what="img")
+
+
+@torch.no_grad()
+def test_official_checkpoint_teacher_is_rosinality(ckpt_dir, r, ref):
+    G = msgan.load(ckpt_dir / "official.pt", part="teacher")
+    assert not G.is_student
+    assert torch.equal(G.w_avg, ref["rosinality"]["checkpoint"]["latent_avg"])
+    assert_max_abs(G.synthesis(G.mapping(r["z"]), noise=r["noise"]), r["img_z"])
+
+
+@torch.no_grad()
+def test_fold_keeps_outputs_and_survives_save_load(ckpt_dir, tmp_path, mi, student_noise):
+    G = msgan.load(ckpt_dir / "official.pt")  # a fresh copy: folding changes the module in place
+
+    def run(G):
+        return G.synthesis(mi["wplus"], noise=student_noise, return_freq=True, ws_layout="official")
+
+    before_img, before_freq = run(G)
+    assert G.fold() is G
+    assert not any(k.endswith("style_inv") for k in G.state_dict())  # demodulation now lives in the weights
+    after_img, after_freq = run(G)
+    for k, (before, after) in enumerate(zip([before_img] + before_freq, [after_img] + after_freq)):
+        assert_max_abs(after, before, 1e-5 * before.abs().max().item(), what=f"output {k}")
+
+    msgan.save(tmp_path / "folded.pt", generator=G)
+    img2, freq2 = run(msgan.load(tmp_path / "folded.pt"))
+    assert torch.equal(img2, after_img)
+    assert all(torch.equal(a, b) for a, b in zip(freq2, after_freq))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. ops: Haar wavelets, upfirdn2d, fused bias + leaky ReLU
+
+
+def test_haar_dwt_matches_pytorch_wavelets(ref):
+    h = ref["haar"]
+    low, high = ops.haar_dwt(h["x"])
+    assert_max_abs(low, h["yl"], 1e-6)
+    assert_max_abs(high, h["yh0"], 1e-6)
+
+
+def test_haar_idwt_matches_pytorch_wavelets(ref):
+    h = ref["haar"]
+    assert_max_abs(ops.haar_idwt(h["yl"], h["yh0"]), h["recon"], 1e-6)
+    assert_max_abs(ops.haar_idwt(h["synth_low"], h["synth_high"]), h["synth_out"], 1e-6)
+
+
+def test_wavelets_to_img_matches_dwt_to_img_and_img_to_wavelets_inverts_it(ref):
+    h = ref["haar"]
+    img = ops.wavelets_to_img(h["packed12"])
+    assert_max_abs(img, h["packed12_img"], 1e-6)
+    assert_max_abs(ops.img_to_wavelets(img), h["packed12"], 1e-6)
+    assert_max_abs(ops.wavelets_to_img(ops.img_to_wavelets(h["x"])), h["x"], 1e-6)
+
+
+def test_reference_holds_exactly_these_upfirdn2d_cases(ref):
+    assert [case["name"] for case in ref["upfirdn2d"]] == UPFIRDN2D_CASES
+
+
+@pytest.mark.parametrize("name", UPFIRDN2D_CASES)
+def test_upfirdn2d_matches_rosinality(ref, name):
+    (case,) = [c for c in ref["upfirdn2d"] if c["name"] == name]
+    assert case["pad_order"] == "(pad_x0, pad_x1, pad_y0, pad_y1)"
+    out = ops.upfirdn2d(case["input"], case["kernel"], up=case["up"], down=case["down"], pad=tuple(case["pad"]))
+    assert_max_abs(out, case["output"], 1e-5)
+
+
+def test_bias_leaky_relu_matches_fused_leaky_relu(ref):
+    f = ref["fused_leaky_relu"]
+    assert_max_abs(ops.bias_leaky_relu(f["x4d"], f["bias4d"]), f["out4d"], 1e-6)
+    assert_max_abs(ops.bias_leaky_relu(f["x2d"], f["bias2d"]), f["out2d"], 1e-6)
+    assert_max_abs(ops.bias_leaky_relu(f["x4d"]), f["out4d_nobias"], 1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. discriminator and GAN losses
+
+
+DISCRIMINATOR_BATCHES = {  # stored logits -> the batch that produced them
+    "logits": lambda x, x8: x,
+    "logits_b1": lambda x, x8: x[:1],
+    "logits_b2": lambda x, x8: x[:2],
+    "logits_b3": lambda x, x8: x[:3],
+    "logits_b8": lambda x, x8: x8,
+    "logits_b12": lambda x, x8: torch.cat([x8, x]),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("key", DISCRIMINATOR_BATCHES)
+def test_discriminator_logits(D, dref, key):
+    batch = DISCRIMINATOR_BATCHES[key](dref["inputs"]["x"], dref["inputs"]["x8"])
+    assert_max_abs(D(batch), dref["outputs"][key], D_TOL)
+
+
+@pytest.mark.parametrize("which", ["x", "real"])
+def test_r1_penalty(D, dref, which):
+    penalty = msgan.r1_penalty(D, dref["inputs"][which])
+    assert_rel(penalty, dref["r1"][which]["penalty"], 1e-4)
+
+
+@torch.no_grad()
+def test_nonsaturating_losses(D, dref):
+    ns = dref["nonsaturating"]
+    fake_logits, real_logits = D(dref["inputs"]["fake"]), D(dref["inputs"]["real"])
+    assert_max_abs(fake_logits, ns["fake_logits"], D_TOL)
+    assert_max_abs(real_logits, ns["real_logits"], D_TOL)
+    assert abs(msgan.g_nonsaturating_loss(fake_logits).item() - ns["loss_g"]) <= D_TOL
+    assert abs(msgan.d_logistic_loss(real_logits, fake_logits).item() - ns["loss_d"]) <= D_TOL
+
+
+@torch.no_grad()
+def test_discriminator_batch_not_divisible_by_group_raises(D, dref):
+    x = dref["inputs"]["x"]
+    with pytest.raises(ValueError, match=r"\b5\b"):
+        D(torch.cat([x, x[:1]]))
+
+
+@torch.no_grad()
+def test_discriminator_save_load_round_trip(D, dref, tmp_path):
+    msgan.save(tmp_path / "d.pt", discriminator=D)
+    D2 = msgan.load(tmp_path / "d.pt", part="discriminator")
+    x = dref["inputs"]["x"]
+    assert torch.equal(D2(x), D(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. parameter counts of the full-size (1024x1024, FFHQ) networks
+
+
+@pytest.fixture(scope="module")
+def full_size():
+    """Teacher and student at 1024^2, built on the meta device (shapes only: no memory, no init time)."""
+    channels = msgan.default_channels(1024)
+    config = dict(z_dim=512, w_dim=512, mapping_layers=8)
+    with torch.device("meta"):
+        return (msgan.Generator(dict(arch="stylegan2", channels=channels, **config)),
+                msgan.Generator(dict(arch="mobilestylegan", channels=channels[:-1], **config)))
+
+
+def num_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_parameter_counts_at_1024(full_size):
+    T, S = full_size
+    assert (T.img_resolution, S.img_resolution) == (1024, 1024)
+    assert num_params(T.synthesis) == 28_268_812
+    assert num_params(T.mapping) == num_params(S.mapping) == 2_101_248
+    assert num_params(S.synthesis) == 8_852_079
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. W+ layouts: one code drives teacher and student
+
+
+@torch.no_grad()
+def test_student_standard_layout_equals_converted_official_layout(student, r, student_noise):
+    ws = r["wplus"]  # a standard W+ [4, 10, 64]
+    official = msgan.standard_to_official_ws(ws, NUM_BLOCKS)
+    assert official.shape == (4, 3 * NUM_BLOCKS + 2, 64)
+    img, freq = student.synthesis(ws, noise=student_noise, return_freq=True)
+    img_o, freq_o = student.synthesis(official, noise=student_noise, return_freq=True, ws_layout="official")
+    assert torch.equal(img, img_o)
+    assert all(torch.equal(a, b) for a, b in zip(freq, freq_o))
+
+
+@torch.no_grad()
+def test_teacher_and_student_share_wplus_and_noise(teacher, student, r, student_noise):
+    assert teacher.num_ws == student.num_ws == 10
+    assert teacher.img_resolution == student.img_resolution == 64
+    img_t = teacher.synthesis(r["wplus"], noise=r["noise"])
+    img_s = student.synthesis(r["wplus"], noise=r["noise"])  # the teacher's 9 maps: the student uses the first 7
+    assert img_t.shape == img_s.shape == (4, 3, 64, 64)
+    assert torch.equal(img_s, student.synthesis(r["wplus"], noise=student_noise))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_single_w_equals_w_repeated_num_ws_times(request, which, r):
+    G = request.getfixturevalue(which)
+    w = G.mapping(r["z"])
+    assert torch.equal(G.synthesis(w), G.synthesis(w[:, None].repeat(1, G.num_ws, 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. bad input: clear errors
+
+
+def test_missing_file_raises_checkpoint_error(tmp_path):
+    path = tmp_path / "nothing_here.pt"
+    with pytest.raises(msgan.CheckpointError, match=re.escape(str(path))):
+        msgan.load(path)
+
+
+def test_truncated_file_raises_checkpoint_error(tmp_path, ref):
+    path = tmp_path / "truncated.pt"
+    torch.save(ref["rosinality"]["checkpoint"], path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(msgan.CheckpointError, match=re.escape(str(path))):
+        msgan.load(path)
+
+
+def test_wrong_shape_names_key_and_both_shapes(tmp_path, ref):
+    g_ema = dict(ref["rosinality"]["checkpoint"]["g_ema"])
+    key = "conv1.conv.modulation.weight"
+    good_shape = tuple(g_ema[key].shape)
+    g_ema[key] = torch.zeros(3, 5)
+    path = tmp_path / "wrong_shape.pt"
+    torch.save({"g_ema": g_ema}, path)
+    with pytest.raises(msgan.CheckpointError) as err:
+        msgan.load(path)
+    message = str(err.value)
+    assert str(path) in message and key in message
+    assert contains_shape(message, (3, 5)), message
+    assert contains_shape(message, good_shape), message
+
+
+def test_missing_key_is_named(tmp_path, ref):
+    g_ema = dict(ref["rosinality"]["checkpoint"]["g_ema"])
+    key = "convs.5.conv.modulation.bias"
+    del g_ema[key]
+    path = tmp_path / "missing_key.pt"
+    torch.save({"g_ema": g_ema, "latent_avg": ref["rosinality"]["checkpoint"]["latent_avg"]}, path)
+    with pytest.raises(msgan.CheckpointError) as err:
+        msgan.load(path)
+    assert str(path) in str(err.value) and key in str(err.value), str(err.value)
+
+
+def test_unknown_format_is_reported(tmp_path):
+    path = tmp_path / "foo.pt"
+    torch.save({"foo": 1}, path)
+    with pytest.raises(msgan.CheckpointError, match="unknown") as err:
+        msgan.load(path)
+    assert str(path) in str(err.value) and "format" in str(err.value)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_bad_synthesis_input_raises_value_error(request, which):
+    G = request.getfixturevalue(which)
+    w = torch.zeros(2, G.w_dim)
+    with pytest.raises(ValueError, match="ws"):
+        G.synthesis(torch.zeros(2, G.num_ws + 1, G.w_dim))
+    with pytest.raises(ValueError, match="ws"):
+        G.synthesis(torch.zeros(2, G.w_dim + 1))
+    with pytest.raises(ValueError, match="noise"):
+        G.synthesis(w, noise=[torch.zeros(1, 1, 4, 4)] * 3)
+    with pytest.raises(ValueError, match="noise"):  # right length, wrong resolution
+        G.synthesis(w, noise=[torch.zeros(1, 1, 5, 5)] * 9)
+    with pytest.raises(ValueError, match="noise_mode"):
+        G.synthesis(w, noise_mode="sometimes")
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. noise modes
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_noise_modes(request, which, r):
+    G = request.getfixturevalue(which)
+    z = r["z"]
+    const = G(z, noise_mode="const")
+    assert torch.equal(G(z, noise_mode="const"), const)                   # deterministic
+    assert not torch.equal(G(z, noise_mode="random"), G(z, noise_mode="random"))  # fresh every call
+    assert not torch.equal(G(z, noise_mode="none"), const)
+    assert torch.equal(G(z, noise_mode="none"), G(z, noise_mode="none"))
+    assert torch.equal(G(z, noise=const_noise(G)), const)                 # explicit list == the const buffers
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. msgan checkpoints: save / load round trip
+
+
+@torch.no_grad()
+def test_save_load_round_trip_is_bit_exact(teacher, student, tmp_path, r):
+    path = tmp_path / "pair.pt"
+    msgan.save(path, generator=student, teacher=teacher)
+    plain = torch.load(path, weights_only=True)  # no pickled classes: safe to open anywhere
+    assert plain["format"] == "msgan" and {"generator", "teacher"} <= set(plain)
+
+    S2, T2 = msgan.load(path), msgan.load(path, part="teacher")
+    assert S2.is_student and not T2.is_student
+    for G, G2 in ((student, S2), (teacher, T2)):
+        assert torch.equal(G2.w_avg, G.w_avg)
+        assert torch.equal(G2(r["z"], psi=0.7), G(r["z"], psi=0.7))
+        assert torch.equal(G2.synthesis(r["wplus"]), G.synthesis(r["wplus"]))
+
+
+@torch.no_grad()
+def test_generator_saved_alone_round_trips(teacher, tmp_path, r):
+    msgan.save(tmp_path / "teacher.pt", generator=teacher)
+    T2 = msgan.load(tmp_path / "teacher.pt")
+    assert torch.equal(T2(r["z"]), teacher(r["z"]))
+    with pytest.raises(msgan.CheckpointError, match="discriminator"):
+        msgan.load(tmp_path / "teacher.pt", part="discriminator")
+
+
+# ----------------------------------------------------------------------------------------------
+# The pretrained FFHQ-1024 model, imported from the random-face wheel (fetched once into weights/)
+
+
+FFHQ_REF = REF / "ffhq_openvino" / "ffhq_public.npz"
+FFHQ_TOL = 1e-3  # OpenVINO's own CPU arithmetic is the reference
+
+
+@pytest.fixture(scope="module")
+def ffhq():
+    return msgan.load("ffhq")
+
+
+def test_ffhq_matches_openvino_reference(ffhq):
+    ref = np.load(FFHQ_REF)
+    with torch.no_grad():
+        w = ffhq.mapping(torch.from_numpy(ref["z"]))
+        img = ffhq.synthesis(torch.from_numpy(ref["w"]), noise_mode="const")  # [3, 3, 1024, 1024]
+    assert_max_abs(w, torch.from_numpy(ref["w"]), what="w")
+    pooled = img.reshape(3, 3, 128, 8, 128, 8).mean((3, 5))                # 8x8 average pool
+    crops = torch.stack([img[b, :, y:y + 64, x:x + 64] for b, y, x in ref["crop_where"]])
+    assert_max_abs(pooled, torch.from_numpy(ref["pooled"]), FFHQ_TOL, "pooled")
+    assert_max_abs(crops, torch.from_numpy(ref["crops"]), FFHQ_TOL, "crops")
+    assert_max_abs(img.mean((1, 2, 3)), torch.from_numpy(ref["img_mean"]), FFHQ_TOL, "img_mean")
+    assert_max_abs(img.std((1, 2, 3), unbiased=False), torch.from_numpy(ref["img_std"]), FFHQ_TOL, "img_std")
+
+
+def test_ffhq_model_properties(ffhq):
+    assert (ffhq.z_dim, ffhq.w_dim, ffhq.num_ws, ffhq.img_resolution) == (512, 512, 18, 1024)
+    assert ffhq.is_student and ffhq.synthesis.folded
+    # w_avg is the mean of many mapped z: close to the reference's independent 4096-sample estimate
+    mean_w = torch.from_numpy(np.load(FFHQ_REF)["mean_w"][0])
+    assert (ffhq.w_avg - mean_w).norm() < 0.05 * mean_w.norm()
+
+
+def offline(monkeypatch, weights_dir):
+    """Point msgan at an empty weights folder and make pip fail as it would with no network."""
+    monkeypatch.setattr(msgan, "WEIGHTS_DIR", str(weights_dir))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+
+
+def test_ffhq_offline_gives_one_clear_error_and_writes_nothing(tmp_path, monkeypatch):
+    offline(monkeypatch, tmp_path)
+    with pytest.raises(msgan.DownloadError, match="could not download random-face==2021.7.21.1") as e:
+        msgan.load("ffhq")
+    assert "\n" not in str(e.value) and msgan.RANDOM_FACE_WHEEL in str(e.value)
+    assert not (tmp_path / "ffhq.pt").exists() and list((tmp_path / "cache").iterdir()) == []
+
+
+def test_ffhq_corrupt_cache_is_dropped_not_used(tmp_path, monkeypatch):
+    offline(monkeypatch, tmp_path)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / msgan.RANDOM_FACE_WHEEL).write_bytes(b"truncated download")
+    with pytest.raises(msgan.DownloadError):
+        msgan.load("ffhq")
+    assert list((tmp_path / "cache").iterdir()) == [] and not (tmp_path / "ffhq.pt").exists()
+
+
+def test_ffhq_download_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
+    """A package index serving a different file under the pinned name: pip takes it, msgan refuses it."""
+    index = tmp_path / "index"
+    index.mkdir()
+    with zipfile.ZipFile(index / msgan.RANDOM_FACE_WHEEL, "w") as wheel:  # a valid but foreign wheel
+        info = "random_face-2021.7.21.1.dist-info/"
+        wheel.writestr(info + "METADATA", "Metadata-Version: 2.1\nName: random-face\nVersion: 2021.7.21.1\n")
+        wheel.writestr(info + "WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(info + "RECORD", "")
+    offline(monkeypatch, tmp_path / "weights")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    with pytest.raises(msgan.DownloadError, match="sha256 mismatch"):
+        msgan.load("ffhq")
+    assert list((tmp_path / "weights" / "cache").iterdir()) == []
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(msgan.CheckpointError, match="not a pretrained model name"):
+        msgan.load("ffhq-typo")
+
+
+# ----------------------------------------------------------------------------------------------
+# sample.py, run in-process as `python sample.py ...` would run it (small reference student)
+
+
+def run_sample(*args):
+    return sample.main([str(a) for a in args])
+
+
+def png(path):
+    return np.asarray(Image.open(path))
+
+
+def test_sample_writes_pngs_and_grid_and_is_batch_invariant(ckpt_dir, tmp_path, capsys):
+    model = ckpt_dir / "official.pt"
+    assert run_sample("--model", model, "--seeds", "0-4", "--batch", 4, "--outdir", tmp_path / "a") == 0
+    assert "wrote 5 images" in capsys.readouterr().out
+    assert run_sample("--model", model, "--seeds", "3,4", "--batch", 1, "--outdir", tmp_path / "b") == 0
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["grid.jpg"] + [f"seed{s:04d}.png" for s in range(5)]
+    assert png(tmp_path / "a" / "seed0000.png").shape == (64, 64, 3)
+    for seed in (3, 4):  # same seed, same image, whatever the batch
+        assert np.array_equal(png(tmp_path / "a" / f"seed{seed:04d}.png"), png(tmp_path / "b" / f"seed{seed:04d}.png"))
+    assert not np.array_equal(png(tmp_path / "a" / "seed0000.png"), png(tmp_path / "a" / "seed0001.png"))
+
+
+def test_sample_random_noise_is_seeded_per_image(ckpt_dir, tmp_path):
+    model = ckpt_dir / "official.pt"
+    for outdir, batch in (("a", 3), ("b", 1)):
+        assert run_sample("--model", model, "-n", 3, "--noise-mode", "random", "--batch", batch,
+                          "--outdir", tmp_path / outdir) == 0
+    assert np.array_equal(png(tmp_path / "a" / "seed0002.png"), png(tmp_path / "b" / "seed0002.png"))
+    run_sample("--model", model, "-n", 3, "--outdir", tmp_path / "const")
+    assert not np.array_equal(png(tmp_path / "a" / "seed0002.png"), png(tmp_path / "const" / "seed0002.png"))
+
+
+def test_sample_compare_writes_teacher_student_pairs(ckpt_dir, tmp_path):
+    assert run_sample("--model", ckpt_dir / "official.pt", "--compare", ckpt_dir / "rosinality.pt",
+                      "--seeds", "7", "--outdir", tmp_path) == 0
+    pair = png(tmp_path / "seed0007.png")
+    assert pair.shape == (64, 128, 3)  # teacher | student
+
+
+def test_sample_interpolate_writes_a_looping_gif(ckpt_dir, tmp_path):
+    assert run_sample("--model", ckpt_dir / "official.pt", "--interpolate", "--seeds", "0-1",
+                      "--frames", 3, "--outdir", tmp_path) == 0
+    gif = Image.open(tmp_path / "interpolation.gif")
+    assert gif.n_frames == 6 and gif.info["loop"] == 0
+
+
+def test_sample_bench_prints_ms_per_image(ckpt_dir, capsys):
+    assert run_sample("--model", ckpt_dir / "official.pt", "--bench") == 0
+    assert re.search(r"median [\d.]+ ms/image", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("args", [["--trunc", "abc"], ["--seeds", "3-x"], ["-n", "0"], ["--noise-mode", "loud"],
+                                  ["-n", "2", "--seeds", "0-1"]])
+def test_sample_bad_flags_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_sample(*args)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_sample_bad_model_is_one_line_error_and_writes_nothing(tmp_path, capsys):
+    assert run_sample("--model", tmp_path / "missing.pt", "--outdir", tmp_path / "out") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sample.py: error:") and "missing.pt" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
