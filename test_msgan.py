@@ -6,7 +6,13 @@ temporary folder with torch.save and read back through msgan.load, exactly as a 
 
     python -m pytest -q test_msgan.py
 """
+import importlib.util
+import json
+import os
 import re
+import subprocess
+import sys
+import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -15,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fid
 import msgan
 import ops
 import sample
@@ -662,3 +669,283 @@ def test_sample_bad_model_is_one_line_error_and_writes_nothing(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("sample.py: error:") and "missing.pt" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# fid.py: pytorch-fid's Inception, torchvision's VGG16 taps, FID and KID (golden data in ../shared/reference/fid).
+# The networks use the synthetic weights of the reference folder's make_weights.py (base seed 1000), so no
+# download is needed. Float32 activations: atol = rtol = 1e-4 (another CPU than the one that made the data).
+
+FID_REF = REF / "fid"
+FID_PY = Path(__file__).resolve().parent / "fid.py"
+FID_WEIGHTS_SEED = 1000
+FID_ATOL = FID_RTOL = 1e-4  # float32 activations on another CPU than the one that made the data
+
+
+def assert_close(actual, expected):
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, atol=FID_ATOL, rtol=FID_RTOL)
+
+
+@pytest.fixture(scope="module")
+def make_weights():
+    spec = importlib.util.spec_from_file_location("make_weights", FID_REF / "make_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def inception_sd(make_weights):
+    return make_weights.make_state_dict(str(FID_REF / "inception_fid_manifest.json"), FID_WEIGHTS_SEED)
+
+
+@pytest.fixture(scope="module")
+def inception(inception_sd):
+    return fid.load_matching(fid.InceptionV3(), inception_sd).eval()
+
+
+@pytest.fixture(scope="module")
+def inception_file(inception_sd, tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "inception_synthetic.pt"
+    torch.save(inception_sd, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vgg(make_weights):
+    sd = make_weights.make_state_dict(str(FID_REF / "vgg16_manifest.json"), FID_WEIGHTS_SEED, prefix="features.")
+    return fid.load_matching(fid.VGG16(), sd).eval()
+
+
+def write_pngs(folder, count, size, seed):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+# --- networks -------------------------------------------------------------------------------
+
+def test_inception_has_the_published_key_names(inception):
+    manifest = json.loads((FID_REF / "inception_fid_manifest.json").read_text())["keys"]
+    published = {e["key"] for e in manifest if not e["key"].startswith("fc.")}  # fc: unused classifier
+    assert set(inception.state_dict()) == published
+
+
+def test_inception_blocks_on_64x64_input(inception):
+    expected = np.load(FID_REF / "inception_expected_64.npz")
+    blocks = np.load(FID_REF / "inception_blocks_img0_64.npz")
+    with torch.no_grad():
+        outs = inception(torch.from_numpy(expected["x"]), taps=(0, 1, 2, 3))
+        feat64 = inception.features(torch.from_numpy(expected["x"]), dims=64)  # runs block 0 only
+    assert_close(outs[3].flatten(1), expected["feat2048"])
+    for block, dims in enumerate((64, 192, 768)):
+        assert_close(outs[block][0], blocks[f"block{block}"])
+        assert_close(fid.global_avg_pool(outs[block]).flatten(1), expected[f"pooled_dim{dims}"])
+    assert_close(feat64, expected["pooled_dim64"])
+
+
+@pytest.mark.parametrize("name", ["299", "down"])  # 299: resize is an identity; down: 400x333 -> 299
+def test_inception_features_of_uint8_images(inception, name):
+    expected = np.load(FID_REF / f"inception_expected_{name}.npz")
+    with torch.no_grad():
+        feats = inception.features(torch.from_numpy(expected["x_uint8"]).float() / 255)
+    assert_close(feats, expected["feat2048"])
+
+
+def test_inception_stays_in_eval_mode(inception):
+    inception.train()
+    assert not inception.training and not inception.Mixed_7c.branch_pool.bn.training
+
+
+def test_weights_load_with_or_without_batchnorm_counters(inception_sd):
+    without = {k: v for k, v in inception_sd.items() if not k.endswith("num_batches_tracked")}
+    assert len(without) == len(inception_sd) - 94
+    for sd in (inception_sd, without):
+        net = fid.load_matching(fid.InceptionV3(), sd)
+        assert torch.equal(net.Mixed_7c.branch_pool.bn.running_var, sd["Mixed_7c.branch_pool.bn.running_var"])
+    with pytest.raises(fid.FIDError, match="lacks 1 of"):
+        incomplete = {k: v for k, v in without.items() if k != "Mixed_6e.branch1x1.conv.weight"}
+        fid.load_matching(fid.InceptionV3(), incomplete)
+
+
+def test_vgg16_taps(vgg):
+    a, b = np.load(FID_REF / "vgg16_expected_a.npz"), np.load(FID_REF / "vgg16_expected_b.npz")
+    x = fid.imagenet_normalize(torch.from_numpy(a["x"]))
+    np.testing.assert_allclose(x.numpy(), a["x_normalized"], atol=1e-6)
+    with torch.no_grad():
+        taps = vgg(x)
+    assert list(taps) == ["relu1_2", "relu2_2", "relu3_3", "relu4_3"]
+    assert_close(taps["relu1_2"], a["relu1_2"])
+    for name in ("relu2_2", "relu3_3", "relu4_3"):
+        assert_close(taps[name], b[name])
+
+
+# --- image loading --------------------------------------------------------------------------
+
+def test_png_folder_like_pytorch_fid(inception):
+    expected = np.load(FID_REF / "png_expected.npz")
+    paths = fid.list_images(FID_REF / "pngs")
+    assert [p.name for p in paths] == ["img_1.png", "img_10.png", "img_2.png", "img_3.png"]  # sorted
+    images = next(fid.folder_batches(paths, batch_size=50))  # RGB, gray (L) and RGBA files
+    rgb = torch.from_numpy(expected["rgb_uint8_after_convert"])  # NHWC uint8
+    assert torch.equal(images, rgb.permute(0, 3, 1, 2) / 255)
+    act2048 = fid.activations(inception, fid.folder_batches(paths, 50), len(paths))
+    assert act2048.dtype == np.float64
+    assert_close(act2048, expected["act2048"])
+    mu, sigma = fid.statistics(fid.activations(inception, fid.folder_batches(paths, 3), len(paths), dims=64))
+    assert_close(mu, expected["mu64"])
+    assert_close(sigma, expected["sigma64"])
+
+
+def test_bad_folders_give_clear_errors(tmp_path):
+    with pytest.raises(fid.FIDError, match="no images"):
+        fid.list_images(tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(fid.FIDError, match="cannot read image"):
+        next(fid.folder_batches(fid.list_images(tmp_path), 2))
+    mixed = tmp_path / "mixed"
+    write_pngs(mixed, 1, 8, seed=0)
+    Image.new("RGB", (9, 8)).save(mixed / "1.png")
+    with pytest.raises(fid.FIDError, match="equal size"):
+        next(fid.folder_batches(fid.list_images(mixed), 2))
+    assert len(list(fid.folder_batches(fid.list_images(mixed), 1))) == 2  # one image per batch is fine
+    with pytest.raises(fid.FIDError, match="at least 2 samples"):
+        fid.statistics(np.zeros((1, 64)))
+
+
+# --- FID and KID arithmetic -----------------------------------------------------------------
+
+@pytest.mark.parametrize("first, second, case, rtol", [
+    ("A", "B", "fid_A_B", 1e-9),  # full rank: all methods agree to ~1e-13
+    ("C_rankdef", "D_rankdef", "fid_C_D_rank_deficient", 1e-6),  # methods differ by ~5e-7 absolute
+    # 10 samples in 64 dims: scipy 1.17.1 gives this value, scipy 1.11.4 raises; we agree to ~7e-9
+    ("E_severe", "F_severe", "fid_E_F_severely_rank_deficient", 1e-6),
+])
+def test_frechet_distance_matches_pytorch_fid(first, second, case, rtol):
+    arrays = np.load(FID_REF / "fid_kid_arrays.npz")
+    expected = json.loads((FID_REF / "fid_kid_expected.json").read_text())[case]
+    value = fid.frechet_distance(*fid.statistics(arrays[first]), *fid.statistics(arrays[second]))
+    assert value == pytest.approx(expected["pytorch_fid_calculate_frechet_distance"], rel=rtol)
+
+
+def test_frechet_distance_of_identical_statistics_is_zero():
+    stats = fid.statistics(np.load(FID_REF / "fid_kid_arrays.npz")["A"])
+    assert abs(fid.frechet_distance(*stats, *stats)) < 1e-9
+    with pytest.raises(fid.FIDError, match="feature sizes differ"):
+        fid.frechet_distance(*stats, np.zeros(32), np.eye(32))
+
+
+def test_kid_matches_torch_fidelity():
+    arrays = np.load(FID_REF / "fid_kid_arrays.npz")
+    expected = json.loads((FID_REF / "fid_kid_expected.json").read_text())["kid"]
+    a, b = arrays["A"], arrays["B"]
+    per_subset = fid.kid_on_subsets(a, b, arrays["kid_idx1"], arrays["kid_idx2"])
+    np.testing.assert_allclose(per_subset, arrays["kid_per_subset"], rtol=0, atol=1e-9)
+    assert per_subset.mean() == pytest.approx(expected["subsets"]["kid_mean"], abs=1e-9)
+    # kid() draws its subsets like torch-fidelity, so the same seed gives the same subsets
+    mean, std = fid.kid(a, b, subsets=50, subset_size=100, seed=2020)
+    assert mean == pytest.approx(expected["subsets"]["kid_mean"], abs=1e-9)
+    assert std == pytest.approx(expected["subsets"]["kid_std"], abs=1e-9)
+    full_set = expected["full_set_deterministic"]["kid_mean"]
+    assert fid.mmd2_unbiased(a, b[:256]) == pytest.approx(full_set, abs=1e-9)
+    unequal_sizes = expected["unequal_sizes_full_unbiased_OWN_FORMULA"]["value"]
+    assert fid.mmd2_unbiased(a, b) == pytest.approx(unequal_sizes, abs=1e-9)
+
+
+def test_stats_npz_round_trip(tmp_path):
+    mu, sigma = fid.statistics(np.load(FID_REF / "fid_kid_arrays.npz")["A"])
+    fid.save_stats(tmp_path / "a.npz", mu, sigma)
+    with np.load(tmp_path / "a.npz") as f:
+        assert sorted(f.files) == ["mu", "sigma"]  # pytorch-fid's keys
+    mu2, sigma2 = fid.load_stats(tmp_path / "a.npz", dims=64)
+    assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+    with pytest.raises(fid.FIDError, match="64-dim features but 2048-dim"):
+        fid.load_stats(tmp_path / "a.npz", dims=2048)
+
+
+# --- weight files ---------------------------------------------------------------------------
+
+def test_missing_weights_offline_give_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    expected_place = tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+    with pytest.raises(fid.FIDError, match="put it at " + str(expected_place)):
+        fid.load_inception()
+    expected_place.write_bytes(b"some other file")  # placed by hand, but not the published file
+    with pytest.raises(fid.FIDError, match=fid.INCEPTION_SHA256):
+        fid.load_inception()
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def run_cli(*args):
+    command = [sys.executable, str(FID_PY), *map(str, args)]
+    # one OpenMP thread: spinning thread pools crawl when the 2 CPU cores are shared with other work
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_cli_fid_and_kid_of_two_folders(tmp_path, inception_file):
+    a = write_pngs(tmp_path / "a", 4, 32, seed=1)
+    b = write_pngs(tmp_path / "b", 5, 32, seed=2)
+    result = run_cli(a, b, "--inception", inception_file, "--kid", "--batch", "4", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("FID: ") and float(lines[0].split()[1]) > 0
+    assert lines[1].startswith("KID: ")
+    assert "FID of fewer than 2048 samples is biased" in result.stderr
+
+
+def test_cli_empty_folder_is_a_one_line_error(tmp_path, inception_file):
+    (tmp_path / "empty").mkdir()
+    b = write_pngs(tmp_path / "b", 2, 16, seed=2)
+    result = run_cli(tmp_path / "empty", b, "--inception", inception_file)
+    assert result.returncode != 0
+    assert result.stderr.startswith("fid.py: error: no images") and result.stderr.count("\n") == 1
+
+
+def test_cli_save_stats_then_compare_with_npz(tmp_path, inception_file, capsys):
+    a = write_pngs(tmp_path / "a", 3, 24, seed=3)
+    weights = ["--inception", str(inception_file), "--device", "cpu"]
+    fid.main([str(a), "--save-stats", str(tmp_path / "a.npz"), "--dims", "64", *weights])
+    fid.main([str(a), str(tmp_path / "a.npz"), "--dims", "64", *weights])
+    assert abs(float(capsys.readouterr().out.splitlines()[-1].split()[1])) < 1e-6  # same images: FID 0
+    with pytest.raises(SystemExit) as exit_info:  # the stats file holds 64-dim features
+        fid.main([str(a), str(tmp_path / "a.npz"), *weights])
+    assert exit_info.value.code == 1
+    assert "64-dim features but 2048-dim" in capsys.readouterr().err
+
+
+def test_cli_generates_from_a_model(tmp_path, inception_file, ckpt_dir, capsys):
+    ref = write_pngs(tmp_path / "ref", 3, 16, seed=4)
+    fid.main(["--model", str(ckpt_dir / "official.pt"), "-n", "5", "--batch", "2", "--seed", "7",
+              "--ref", str(ref), "--inception", str(inception_file), "--dims", "64", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.startswith("FID: ") and float(out.split()[1]) > 0
+
+
+def test_generated_batches_are_seeded_per_batch(student):
+    batches = list(fid.generated_batches(student, n=5, batch_size=2, device="cpu", seed=7))
+    assert [len(b) for b in batches] == [2, 2, 1]   # batch i uses manual_seed(seed + i)
+    z = torch.randn(1, student.z_dim, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = ((student(z) * 127.5 + 128).clamp(0, 255).to(torch.uint8).float() / 255)
+    assert torch.equal(batches[2], expected)
+
+
+def test_generated_images_are_quantised_like_png():
+    class ConstantGenerator:
+        z_dim = 4
+
+        def __call__(self, z, psi, noise_mode):
+            return torch.tensor([-1.0, 0.0, 1.0, 1.5]).view(1, 1, 1, 4).expand(len(z), 3, 1, 4)
+
+    (images,) = fid.generated_batches(ConstantGenerator(), n=2, batch_size=2, device="cpu")
+    png_values = torch.tensor([0, 128, 255, 255], dtype=torch.uint8)  # what a saved PNG would hold
+    assert torch.equal(images[0, 0, 0], png_values.float() / 255)
