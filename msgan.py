@@ -618,16 +618,30 @@ def _mapping_config(state, prefix, first_index, path):
     return dict(z_dim=z_dim, w_dim=w_dim, mapping_layers=n)
 
 
-# rosinality key -> msgan key (teacher synthesis). Mapping "style.N" becomes "mapping.layers.N-1".
+# rosinality key -> msgan key. Mapping "style.N" (N from 1) becomes "mapping.layers.N-1".
+MAPPING_RULE = (r"style\.(\d+)\.(weight|bias)", lambda m: f"mapping.layers.{int(m.group(1)) - 1}.{m.group(2)}")
 ROSINALITY_RULES = [
     (r"(.*)\.(?:conv\.blur|upsample)\.kernel", None),          # fixed FIR buffers, rebuilt by the modules
-    (r"style\.(\d+)\.(weight|bias)", lambda m: f"mapping.layers.{int(m.group(1)) - 1}.{m.group(2)}"),
+    MAPPING_RULE,
     (r"input\.input", "const"),
     (r"(.*)\.noise\.weight", r"\1.noise_strength"),
     (r"(.*)\.activate\.bias", r"\1.bias"),
     (r"noises\.noise_(\d+)", r"noise_const.\1"),
     (r"(?!mapping\.)(.*)", r"synthesis.\1"),
 ]
+
+
+def _squeeze_layouts(state):
+    """Biases [1, C, 1, 1], official style_inv [1, 1, C, 1, 1] and rosinality's conv weights
+    [1, O, I, k, k] to msgan's shapes."""
+    for key, value in state.items():
+        if key.endswith("style_inv"):
+            state[key] = value.flatten()
+        elif value.ndim == 5 and value.shape[0] == 1:
+            state[key] = value[0]
+        elif value.ndim == 4 and key.endswith(".bias"):
+            state[key] = value.flatten()
+    return state
 
 
 def _from_rosinality(ckpt, path):
@@ -638,10 +652,7 @@ def _from_rosinality(ckpt, path):
         channels.append(state[f"convs.{2 * (len(channels) - 1)}.conv.weight"].shape[1])
     config["channels"] = channels
     file_keys = {}
-    state = _rename(state, ROSINALITY_RULES, file_keys)
-    for key, value in state.items():  # rosinality stores conv weights as [1, O, I, k, k], biases as [1, 3, 1, 1]
-        if key.endswith("conv.weight") or re.search(r"to_rgbs?\d*(\.\d+)?\.bias$", key):
-            state[key] = value.reshape(value.shape[1:]) if key.endswith("conv.weight") else value.flatten()
+    state = _squeeze_layouts(_rename(state, ROSINALITY_RULES, file_keys))
     G = Generator(config)
     state["w_avg"] = ckpt["latent_avg"].flatten() if "latent_avg" in ckpt else G.w_avg
     _keep_const_noise(G, state)
@@ -670,36 +681,39 @@ OFFICIAL_STUDENT_RULES = [
 ]
 
 
+# official MobileStyleGAN teacher key (after "synthesis_net.") -> rosinality key
+OFFICIAL_TEACHER_RULES = [
+    (r"layers\.(\d+)\.conv1\.(.*)", lambda m: f"convs.{2 * int(m.group(1))}.{m.group(2)}"),
+    (r"layers\.(\d+)\.conv2\.(.*)", lambda m: f"convs.{2 * int(m.group(1)) + 1}.{m.group(2)}"),
+    (r"layers\.(\d+)\.to_rgb\.(.*)", r"to_rgbs.\1.\2"),
+    (r"upsample\.kernel", None),
+]
+
+
+def _strip(state, prefix):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def _from_official(ckpt, path, part):
     state = ckpt["state_dict"]
-    mapping = {k[len("mapping_net.layers."):]: v for k, v in state.items() if k.startswith("mapping_net.layers.")}
-    mapping_state = {f"mapping.layers.{int(k.split('.')[0]) - 1}.{k.split('.')[1]}": v for k, v in mapping.items()}
-    config = _mapping_config(state, "mapping_net.layers.", 1, path)
-    w_avg = _get(state, "style_mean", path).reshape(-1, config["w_dim"])[0]
+    mapping = {f"style.{k}": v for k, v in _strip(state, "mapping_net.layers.").items()}  # rosinality names
+    w_avg = _get(state, "style_mean", path)[0, 0]  # [1, num_ws, D]: the same mean w in every slot
     if part == "teacher":
-        teacher = {k[len("synthesis_net."):]: v for k, v in state.items() if k.startswith("synthesis_net.")}
+        teacher = _strip(state, "synthesis_net.")
         if not teacher:
             raise CheckpointError(f"{path}: holds no teacher (no synthesis_net.* keys)")
-        rules = [(r"layers\.(\d+)\.conv1\.(.*)", lambda m: f"convs.{2 * int(m.group(1))}.{m.group(2)}"),
-                 (r"layers\.(\d+)\.conv2\.(.*)", lambda m: f"convs.{2 * int(m.group(1)) + 1}.{m.group(2)}"),
-                 (r"layers\.(\d+)\.to_rgb\.(.*)", r"to_rgbs.\1.\2"), (r"upsample\.kernel", None)]
-        G = _from_rosinality({"g_ema": {**_rename(teacher, rules), **{f"style.{k}": v for k, v in mapping.items()}},
-                              "latent_avg": w_avg}, path)
-        return G
-    student = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+        return _from_rosinality({"g_ema": {**_rename(teacher, OFFICIAL_TEACHER_RULES), **mapping},
+                                 "latent_avg": w_avg}, path)
+    student = _strip(state, "student.")
     if not student:
         raise CheckpointError(f"{path}: holds no student (no student.* keys)")
     file_keys = {}
-    student = _rename(student, OFFICIAL_STUDENT_RULES, file_keys)
+    student = _squeeze_layouts(_rename(student, OFFICIAL_STUDENT_RULES, file_keys))
     channels = [_get(student, "conv1.conv.weight", path).shape[0]]
     while f"blocks.{len(channels) - 1}.conv2.conv.weight" in student:
         channels.append(student[f"blocks.{len(channels) - 1}.conv2.conv.weight"].shape[0])
-    for key in list(student):
-        value = student[key]
-        if key.endswith("style_inv") or key.endswith(".bias") and value.ndim == 4:  # [1,1,C,1,1] / [1,C,1,1]
-            student[key] = value.flatten()
-    G = Generator(dict(arch="mobilestylegan", channels=channels, **config))
-    state = {**mapping_state, **{f"synthesis.{k}": v for k, v in student.items()}, "w_avg": w_avg}
+    G = Generator(dict(arch="mobilestylegan", channels=channels, **_mapping_config(mapping, "style.", 1, path)))
+    state = {**_rename(mapping, [MAPPING_RULE]), **{f"synthesis.{k}": v for k, v in student.items()}, "w_avg": w_avg}
     _keep_const_noise(G, state)
     file_keys = {f"synthesis.{k}": f"student.{v}" for k, v in file_keys.items()}
     return _load_into(G, state, path, "generator", file_keys)
