@@ -556,7 +556,8 @@ def _read(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+        reason = (str(e).splitlines() or ["empty or truncated file"])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})")
 
 
 def _load_into(module, state, path, what, file_keys=None):

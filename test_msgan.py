@@ -17,10 +17,13 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
 
+import export
 import fid
 import msgan
 import ops
@@ -949,3 +952,282 @@ def test_generated_images_are_quantised_like_png():
     (images,) = fid.generated_batches(ConstantGenerator(), n=2, batch_size=2, device="cpu")
     png_values = torch.tensor([0, 128, 255, 255], dtype=torch.uint8)  # what a saved PNG would hold
     assert torch.equal(images[0, 0, 0], png_values.float() / 255)
+
+
+# ----------------------------------------------------------------------------------------------
+# export.py: the exported graphs compute PyTorch's images in a real runtime. Small models: the golden
+# checkpoints (a 64x64 official student and a 64x64 rosinality teacher), exported through export.main
+# exactly as `python export.py ...` would; onnxruntime, openvino and coremltools are test requirements.
+
+BATCHES = (1, 3)    # every graph is exported once and run at both: the batch axis must be dynamic
+OPENVINO_F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # a CPU with bf16 support would otherwise compute in bf16
+
+MODELS = ["student", "teacher"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """The golden checkpoints as files: the official student and the rosinality teacher."""
+    ref = torch.load(REF / "mobilestylegan_reference_public.pt", weights_only=True)
+    folder = tmp_path_factory.mktemp("checkpoints")
+    torch.save(ref["mobilestylegan"]["checkpoint"], folder / "student.pt")
+    torch.save(ref["rosinality"]["checkpoint"], folder / "teacher.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(ckpts, tmp_path_factory):
+    """exported(model, *flags) -> the output folder of `export.py onnx --model <model> --wplus *flags` (cached)."""
+    cache = {}
+
+    def get(model, *flags):
+        if (model, flags) not in cache:
+            outdir = tmp_path_factory.mktemp(f"onnx-{model}")
+            export.main(["onnx", "--model", str(ckpts / f"{model}.pt"), "--outdir", str(outdir), "--wplus", *flags])
+            cache[model, flags] = outdir
+        return cache[model, flags]
+    return get
+
+
+def pytorch_model(ckpts, model):
+    return msgan.load(ckpts / f"{model}.pt")
+
+
+def random_inputs(G, batch, seed=1):
+    """z, a realistic w (the mapping of random z) and a realistic W+ code of `batch` samples."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        z = torch.randn(batch, G.z_dim, generator=g)
+        w = G.mapping(torch.randn(batch, G.z_dim, generator=g))
+        ws = G.mapping(torch.randn(batch * G.num_ws, G.z_dim, generator=g)).view(batch, G.num_ws, G.w_dim)
+    return z, w, ws
+
+
+
+def max_abs(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
+    return float(np.abs(a - b).max())
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def leftovers(folder):
+    """Anything export.py must never leave behind: its staging folders."""
+    return [name for name in os.listdir(folder) if name.startswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX: parity with PyTorch, W and W+, batch 1 and 3, on one exported file each
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_onnx_matches_pytorch_for_w_and_wplus_at_batch_1_and_3(ckpts, exported, model):
+    outdir = exported(model)
+    assert sorted(os.listdir(outdir)) == ["mapping.onnx", "synthesis.onnx", "synthesis_wplus.onnx"]
+    G = pytorch_model(ckpts, model)
+    mapping, synthesis, wplus = (session(outdir / f"{n}.onnx") for n in ("mapping", "synthesis", "synthesis_wplus"))
+    for batch in BATCHES:
+        z, w, ws = random_inputs(G, batch)
+        with torch.no_grad():
+            assert max_abs(mapping.run(None, {"z": z.numpy()})[0], G.mapping(z)) <= TOL
+            assert max_abs(synthesis.run(None, {"w": w.numpy()})[0], G.synthesis(w)) <= TOL
+            assert max_abs(wplus.run(None, {"ws": ws.numpy()})[0], G.synthesis(ws)) <= TOL
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_noise_inputs_fed_the_const_noise_give_the_baked_image(ckpts, exported, model):
+    G = pytorch_model(ckpts, model)
+    baked, inputs = exported(model), exported(model, "--noise-input")
+    noise = {f"noise_{i}": n.numpy() for i, n in enumerate(const_noise(G))}
+    _, w, ws = random_inputs(G, 3)
+    for graph, feed in (("synthesis", {"w": w.numpy()}), ("synthesis_wplus", {"ws": ws.numpy()})):
+        with_inputs = session(inputs / f"{graph}.onnx")
+        assert [i.name for i in with_inputs.get_inputs()] == [*feed, *noise]
+        expected = session(baked / f"{graph}.onnx").run(None, feed)[0]
+        assert max_abs(with_inputs.run(None, {**feed, **noise})[0], expected) <= TOL
+    # other noise changes the image, exactly as in PyTorch
+    other = [torch.randn_like(n) for n in const_noise(G)]
+    feed = {"w": w.numpy(), **{f"noise_{i}": n.numpy() for i, n in enumerate(other)}}
+    out = session(inputs / "synthesis.onnx").run(None, feed)[0]
+    with torch.no_grad():
+        assert max_abs(out, G.synthesis(w, noise=other)) <= TOL
+
+
+def test_student_graph_is_the_inference_form(ckpts, exported):
+    """Demodulation folded (no square roots left) and only the wavelet head that makes the image."""
+    G = pytorch_model(ckpts, "student")
+    model = onnx.load(exported("student") / "synthesis.onnx")
+    ops = {node.op_type for node in model.graph.node}
+    assert not ops & {"Sqrt", "Reciprocal", "Pow"}, ops
+    names = [init.name for init in model.graph.initializer]
+    last = len(G.synthesis.blocks) - 1
+    heads = {name.split(".to_wavelets")[0] for name in names if "to_wavelets" in name}
+    assert heads == {f"synthesis.blocks.{last}"}, heads
+    assert not [name for name in names if "style_inv" in name]
+    # the batch axis is symbolic on the input and the output
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_onnx_metadata_describes_the_model(ckpts, exported):
+    G = pytorch_model(ckpts, "student")
+    meta = session(exported("student") / "mapping.onnx").get_modelmeta().custom_metadata_map
+    assert (int(meta["img_resolution"]), int(meta["num_ws"])) == (G.img_resolution, G.num_ws)
+    assert meta["noise"] == "baked const"
+    assert np.array_equal(np.array(json.loads(meta["w_avg"]), np.float32), G.w_avg.numpy())
+
+
+def test_fp16_student_stays_close_and_keeps_float32_io(ckpts, tmp_path):
+    export.main(["onnx", "--model", str(ckpts / "student.pt"), "--outdir", str(tmp_path), "--fp16"])
+    model = onnx.load(tmp_path / "synthesis.onnx")
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    assert {init.data_type for init in model.graph.initializer} & floats == {onnx.TensorProto.FLOAT16}
+    G = pytorch_model(ckpts, "student")
+    _, w, _ = random_inputs(G, 3)
+    out = session(tmp_path / "synthesis.onnx").run(None, {"w": w.numpy()})[0]
+    assert out.dtype == np.float32
+    with torch.no_grad():
+        assert max_abs(out, G.synthesis(w)) <= export.PARITY_ATOL_FP16
+
+
+# ----------------------------------------------------------------------------------------------
+# TorchScript, OpenVINO, Core ML
+
+
+@pytest.mark.parametrize("model, part", [("student", "generator"), ("teacher", "generator"), ("student", "teacher")])
+def test_torchscript_matches_pytorch(ckpts, tmp_path, model, part):
+    """The rosinality teacher, the official student, and (--teacher) the official checkpoint's teacher."""
+    flags = ["--teacher"] if part == "teacher" else []
+    export.main(["torchscript", "--model", str(ckpts / f"{model}.pt"), "--outdir", str(tmp_path), "--wplus", *flags])
+    G = msgan.load(ckpts / f"{model}.pt", part=part)
+    synthesis = torch.jit.load(str(tmp_path / "synthesis.torchscript.pt"))
+    wplus = torch.jit.load(str(tmp_path / "synthesis_wplus.torchscript.pt"))
+    for batch in BATCHES:
+        _, w, ws = random_inputs(G, batch)
+        with torch.no_grad():
+            assert max_abs(synthesis(w), G.synthesis(w)) <= TOL
+            assert max_abs(wplus(ws), G.synthesis(ws)) <= TOL
+
+
+def test_openvino_matches_pytorch(ckpts, tmp_path):
+    import openvino as ov
+    argv = ["openvino", "--model", str(ckpts / "student.pt"), "--outdir", str(tmp_path), "--wplus", "--noise-input"]
+    export.main(argv)
+    G = pytorch_model(ckpts, "student")
+    compiled = ov.Core().compile_model(str(tmp_path / "synthesis_wplus.xml"), "CPU", OPENVINO_F32)
+    noise = {f"noise_{i}": n.numpy() for i, n in enumerate(const_noise(G))}
+    for batch in BATCHES:
+        _, _, ws = random_inputs(G, batch)
+        with torch.no_grad():
+            assert max_abs(compiled({"ws": ws.numpy(), **noise})[0], G.synthesis(ws)) <= TOL
+
+
+def test_coreml_declares_the_expected_inputs_and_outputs(ckpts, tmp_path):
+    import coremltools as ct
+    export.main(["coreml", "--model", str(ckpts / "student.pt"), "--outdir", str(tmp_path), "--wplus", "--noise-input"])
+    G = pytorch_model(ckpts, "student")
+    spec = ct.models.MLModel(str(tmp_path / "synthesis_wplus.mlpackage"), skip_model_load=True).get_spec().description
+    inputs = {i.name: list(i.type.multiArrayType.shape) for i in spec.input}
+    noise = {f"noise_{i}": [1, 1, r, r] for i, r in enumerate(G.synthesis.noise_resolutions)}
+    assert inputs == {"ws": [1, G.num_ws, G.w_dim], **noise}
+    assert [o.name for o in spec.output] == ["img"]
+    batch_range = spec.input[0].type.multiArrayType.shapeRange.sizeRanges[0]
+    assert batch_range.lowerBound == 1 and batch_range.upperBound != 1  # the batch axis is flexible
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one clear message, a non-zero exit, no partial model left behind
+
+
+def run_main(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        export.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_unknown_format_is_an_argparse_error(capsys):
+    code, err = run_main(["tflite"], capsys)
+    assert code == 2 and "invalid choice: 'tflite'" in err
+
+
+def test_unwritable_output_directory(ckpts, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, err = run_main(["onnx", "--model", str(ckpts / "student.pt"), "--outdir", str(blocker / "out")], capsys)
+    assert code == 1
+    assert err.startswith("export.py: error: cannot write to the output directory") and err.count("\n") == 1
+
+
+def test_checkpoint_that_fails_to_load(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code, err = run_main(["onnx", "--model", str(bad), "--outdir", str(tmp_path / "out")], capsys)
+    assert code == 1 and err.startswith(f"export.py: error: {bad}: not a readable checkpoint") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_parity_failure_fails_and_keeps_no_file(ckpts, tmp_path, capsys, monkeypatch):
+    (tmp_path / "synthesis.onnx").write_bytes(b"an older export")
+    monkeypatch.setattr(export, "PARITY_ATOL", -1.0)  # no graph can pass
+    code, err = run_main(["onnx", "--model", str(ckpts / "student.pt"), "--outdir", str(tmp_path)], capsys)
+    assert code == 1 and "differs from PyTorch" in err
+    assert sorted(os.listdir(tmp_path)) == ["synthesis.onnx"]
+    assert (tmp_path / "synthesis.onnx").read_bytes() == b"an older export"
+
+
+def test_missing_onnxruntime_is_a_warning_not_a_failure(ckpts, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
+    export.main(["onnx", "--model", str(ckpts / "student.pt"), "--outdir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert "warning: onnxruntime is not installed" in captured.err and "onnx.checker ok" in captured.out
+    assert sorted(os.listdir(tmp_path)) == ["mapping.onnx", "synthesis.onnx"]
+
+
+@pytest.mark.parametrize("fmt, package", [("openvino", "openvino"), ("coreml", "coremltools")])
+def test_missing_optional_package_is_a_clear_error(ckpts, tmp_path, capsys, monkeypatch, fmt, package):
+    monkeypatch.setitem(sys.modules, package, None)
+    code, err = run_main([fmt, "--model", str(ckpts / "student.pt"), "--outdir", str(tmp_path / "out")], capsys)
+    assert code == 1 and f"pip install {package}" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_exit_status_and_message(tmp_path):
+    """The real command: `python export.py onnx --model <broken file>` exits 1 with one line on stderr."""
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK truncated download")
+    command = [sys.executable, "export.py", "onnx", "--model", str(bad), "--outdir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith("export.py: error:") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pretrained FFHQ-1024 model: the exported files reproduce the OpenVINO reference of the original release
+
+
+def ffhq_reference_check(run):
+    """run(w [3, 512]) -> img [3, 3, 1024, 1024]; compared with ffhq_public.npz as test_msgan.py does."""
+    ref = np.load(REF / "ffhq_openvino" / "ffhq_public.npz")
+    img = np.concatenate([run(ref["w"][i:i + 1]) for i in range(len(ref["w"]))])  # batch 1: lighter on memory
+    pooled = img.reshape(3, 3, 128, 8, 128, 8).mean((3, 5))
+    crops = np.stack([img[b, :, y:y + 64, x:x + 64] for b, y, x in ref["crop_where"]])
+    assert max_abs(pooled, ref["pooled"]) <= FFHQ_TOL
+    assert max_abs(crops, ref["crops"]) <= FFHQ_TOL
+
+
+def test_ffhq_onnx_matches_the_reference_and_reports_speed(tmp_path, capsys):
+    export.main(["onnx", "--outdir", str(tmp_path), "--batch", "1"])  # --model defaults to ffhq
+    out = capsys.readouterr().out
+    assert "synthesis.onnx in onnxruntime" in out and "ms/image at 1024x1024" in out
+    synthesis = session(tmp_path / "synthesis.onnx")
+    ffhq_reference_check(lambda w: synthesis.run(None, {"w": w})[0])
+
+
+def test_ffhq_openvino_matches_the_reference(tmp_path):
+    import openvino as ov
+    export.main(["openvino", "--outdir", str(tmp_path), "--batch", "1"])
+    compiled = ov.Core().compile_model(str(tmp_path / "synthesis.xml"), "CPU", OPENVINO_F32)
+    ffhq_reference_check(lambda w: compiled({"w": w})[0])

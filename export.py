@@ -1,0 +1,347 @@
+"""Export an msgan generator for deployment, and prove that the exported files compute PyTorch's images.
+
+    python export.py onnx                  # default model "ffhq" -> export/mapping.onnx, export/synthesis.onnx
+    python export.py onnx --model ckpt.pt  # any checkpoint msgan.load reads, student or teacher
+    python export.py onnx --wplus          # also export/synthesis_wplus.onnx, which reads a W+ code
+    python export.py onnx --noise-input    # noise maps become inputs noise_0 .. noise_{N-1} (default: baked in)
+    python export.py torchscript           # traced TorchScript: export/*.torchscript.pt
+    python export.py openvino              # ONNX, then OpenVINO IR export/*.xml + *.bin (pip install openvino)
+    python export.py coreml                # Core ML export/*.mlpackage (pip install coremltools)
+
+The graphs, each with a dynamic batch axis B:
+    mapping          z [B, z_dim]            -> w [B, w_dim]
+    synthesis        w [B, w_dim]            -> img [B, 3, R, R]
+    synthesis_wplus  ws [B, num_ws, w_dim]   -> img [B, 3, R, R]    (the standard StyleGAN2 W+ layout)
+With --noise-input the synthesis graphs also read noise_i [1, 1, S_i, S_i], shared by the batch; without it they add
+the model's fixed "const" noise, so the image is a deterministic function of w. img is about [-1, 1] and not
+clamped: uint8 = clip(img * 127.5 + 128, 0, 255). The ONNX files carry the model's facts as metadata, among them
+w_avg for truncation (w = w_avg + psi * (w - w_avg)). A student is exported in inference form: its fixed
+demodulation folded into the weights, and only the wavelet head that makes the image (the others only feed the
+distillation loss).
+
+Every file is checked before it is kept: onnx.checker, then the graph runs on random inputs at batch 1 and --batch
+in onnxruntime (TorchScript: torch.jit.load; OpenVINO: its CPU runtime) and must match PyTorch to PARITY_ATOL.
+Core ML cannot run on Linux: its declared inputs and outputs are checked instead. Files are written to a temp folder
+inside --outdir and moved into place only when all of them passed, so a failed run leaves none behind.
+"""
+import argparse
+import contextlib
+import copy
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+import msgan
+
+FORMATS = ("onnx", "torchscript", "openvino", "coreml")
+DEFAULT_OPSET = 17        # well supported by onnxruntime and OpenVINO, and by the TorchScript-based exporter
+MIN_OPSET, MAX_OPSET = 11, 23  # below 11 ONNX has no Slice with computed bounds; 23 is the exporter's newest
+PARITY_ATOL = 1e-4        # float32 export vs PyTorch: reordered float32 sums differ by ~1e-5 on images ~[-1, 1]
+PARITY_ATOL_OPENVINO = 1e-3  # its CPU plugin fuses and reorders more: 8e-5 on FFHQ, too close to 1e-4
+PARITY_ATOL_FP16 = 0.1    # float16 export vs float32 PyTorch: ~3 significant digits, ~20 layers (FFHQ: 0.025)
+TRACE_BATCH = 2           # trace at a batch other than 1, so that no size-1 broadcast is baked into the graph
+CHECK_SEED = 0
+MB = 1 << 20
+
+
+class ExportError(Exception):
+    """A failed check, a converter that gave up, or a missing optional package; main prints it as one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# What gets exported: thin wrappers that fix each graph's call signature
+
+
+class MappingGraph(nn.Module):
+    """z [B, z_dim] -> w [B, w_dim]. Inputs and outputs stay float32 when the weights are float16."""
+
+    def __init__(self, G):
+        super().__init__()
+        self.mapping = G.mapping
+
+    def forward(self, z):
+        return self.mapping(z.to(self.mapping.layers[0].weight.dtype)).float()
+
+
+class SynthesisGraph(nn.Module):
+    """w [B, w_dim] or ws [B, num_ws, w_dim], then one tensor per noise map if they are inputs -> img [B, 3, R, R].
+
+    Without noise arguments the model's const noise buffers are used, and the exporter bakes them in as constants.
+    """
+
+    def __init__(self, G):
+        super().__init__()
+        self.synthesis = G.synthesis
+
+    def forward(self, w, *noise):
+        dtype = self.synthesis.const.dtype
+        noise = [n.to(dtype) for n in noise] or None
+        return self.synthesis(w.to(dtype), noise=noise, noise_mode="const").float()
+
+
+def make_inputs(G, graph, batch, noise_input, gen, device):
+    """Random inputs of one graph: z, or realistic w / ws (the mapping of random z), then random noise maps."""
+    if graph == "mapping":
+        return {"z": torch.randn(batch, G.z_dim, generator=gen).to(device)}
+    slots = G.num_ws if graph == "synthesis_wplus" else 1
+    with torch.no_grad():
+        w = G.mapping(torch.randn(batch * slots, G.z_dim, generator=gen).to(device))
+    inputs = {"ws": w.view(batch, slots, G.w_dim)} if graph == "synthesis_wplus" else {"w": w}
+    if noise_input:
+        for i, r in enumerate(G.synthesis.noise_resolutions):
+            inputs[f"noise_{i}"] = torch.randn(1, 1, r, r, generator=gen).to(device)
+    return inputs
+
+
+def metadata(G, args):
+    """What a deployer needs to know, stored in each ONNX file."""
+    sizes = {"img_resolution": G.img_resolution, "z_dim": G.z_dim, "w_dim": G.w_dim, "num_ws": G.num_ws}
+    return {"msgan.model": os.path.basename(str(args.model)), "arch": G.config["arch"],
+            **{key: str(value) for key, value in sizes.items()},
+            "noise": "inputs" if args.noise_input else "baked const", "dtype": "float16" if args.fp16 else "float32",
+            "w_avg": json.dumps(G.w_avg.float().tolist())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Exporters: each writes one graph to `path`
+
+
+@contextlib.contextmanager
+def quiet_tracing():
+    """Hide the tracer's warnings: they flag Python checks on the fixed sizes (w_dim, num_ws, noise sizes).
+    The one size that varies, the batch, is proven dynamic by the check, which runs two batch sizes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", ".*legacy TorchScript-based ONNX export", DeprecationWarning)
+        yield
+
+
+def first_line(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def export_onnx(module, inputs, output_name, path, opset, meta):
+    # The TorchScript-based exporter (dynamo=False): the dynamo one needs onnxscript, not a dependency of msgan.
+    axes = {name: {0: "batch"} for name in [*inputs, output_name] if not name.startswith("noise_")}
+    try:
+        with quiet_tracing():
+            torch.onnx.export(module, tuple(inputs.values()), path, input_names=list(inputs),
+                              output_names=[output_name], dynamic_axes=axes, opset_version=opset, dynamo=False)
+    except torch.onnx.OnnxExporterError as e:
+        raise ExportError(f"{os.path.basename(path)}: the ONNX exporter failed ({first_line(e)})") from None
+    model = onnx.load(path)
+    onnx.helper.set_model_props(model, meta)
+    onnx.save(model, path)
+    onnx.checker.check_model(path, full_check=True)
+
+
+def export_torchscript(module, inputs, path):
+    with quiet_tracing():
+        torch.jit.save(torch.jit.trace(module, tuple(inputs.values())), path)
+
+
+def export_openvino(ov, onnx_path, xml_path):
+    # compress_to_fp16=False: by default OpenVINO would store float32 weights as float16
+    ov.save_model(ov.convert_model(onnx_path), xml_path, compress_to_fp16=False)
+
+
+def export_coreml(ct, module, inputs, output_name, path):
+    """Via torch.export: coremltools' TorchScript frontend fails on traced shape arithmetic with numpy 2."""
+    # noise maps keep batch 1: torch.export cannot express the broadcast rule "1 or B" for an axis
+    batch = torch.export.Dim("batch", min=1)
+    noise = [name for name in inputs if name.startswith("noise_")]
+    dynamic = ({0: batch}, (None,) * len(noise)) if noise else ({0: batch},)
+    try:
+        program = torch.export.export(module.eval(), tuple(inputs.values()), dynamic_shapes=dynamic)
+        mlmodel = ct.convert(program.run_decompositions({}), inputs=[ct.TensorType(name=n) for n in inputs],
+                             outputs=[ct.TensorType(name=output_name)], convert_to="mlprogram",
+                             compute_precision=ct.precision.FLOAT32)  # --fp16 already made the weights float16
+    except Exception as e:  # a converter's refusal, whatever its type, is one line for the user
+        raise ExportError(f"{os.path.basename(path)}: coremltools cannot convert the model ({first_line(e)})") from None
+    mlmodel.save(path)
+    return mlmodel
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+
+
+def check_parity(label, run, cases, atol, resolution=None):
+    """Run an exported graph on each (inputs, expected) case; fail if it strays from PyTorch by more than atol."""
+    report = []
+    for feeds, expected in cases:
+        batch = len(next(iter(feeds.values())))
+        start = time.perf_counter()
+        out = np.asarray(run(feeds))
+        ms_per_image = (time.perf_counter() - start) * 1000 / batch  # the last, largest batch is reported
+        if out.shape != expected.shape:
+            raise ExportError(f"{label}: output shape {list(out.shape)} at batch {batch}, "
+                              f"expected {list(expected.shape)}")
+        diff = float(np.abs(out - expected).max())
+        report.append(f"batch {batch} max|diff| {diff:.1e}")
+        if not diff <= atol:  # also catches NaN
+            raise ExportError(f"{label}: differs from PyTorch at batch {batch}: max|diff| {diff:.3g} > atol {atol:g}")
+    at = f" at {resolution}x{resolution}" if resolution else ""
+    print(f"  {label}: {', '.join(report)} (atol {atol:g}); {ms_per_image:.3g} ms/image{at} (batch {batch})")
+
+
+def check_coreml(mlmodel, label, inputs, output_name):
+    """Core ML runs only on Apple's systems: check the declared inputs and outputs instead of the numbers."""
+    spec = mlmodel.get_spec().description
+    declared = {i.name: list(i.type.multiArrayType.shape) for i in spec.input}
+    expected = {name: [1, *t.shape[1:]] for name, t in inputs.items()}  # a dynamic batch is declared as 1
+    outputs = [o.name for o in spec.output]
+    if declared != expected or outputs != [output_name]:
+        raise ExportError(f"{label}: declares inputs {declared} and outputs {outputs}, "
+                          f"expected {expected} and {[output_name]}")
+    print(f"  {label}: inputs {declared}, output {output_name!r} (not run: Core ML needs macOS/iOS)")
+
+
+def size_of(path):
+    if os.path.isdir(path):  # an .mlpackage is a folder
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    return os.path.getsize(path)
+
+
+@contextlib.contextmanager
+def staging(outdir):
+    """A temp folder inside outdir; its files are moved into outdir only if the block finishes without error."""
+    try:
+        os.makedirs(outdir, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=outdir)
+    except OSError as e:
+        raise OSError(f"cannot write to the output directory {outdir}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        for name in sorted(os.listdir(tmp)):
+            dest = os.path.join(outdir, name)
+            if os.path.isdir(dest):  # os.replace cannot overwrite a non-empty folder (an older .mlpackage)
+                shutil.rmtree(dest)
+            os.replace(os.path.join(tmp, name), dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def optional_import(package, purpose):
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ExportError(f"{purpose} needs the optional package {package}, which is not installed "
+                          f"(pip install {package})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The export
+
+
+def export_graph(args, G, G_export, graph, tmp, runtimes, gen):
+    """Export one graph into tmp in args.format and check it against PyTorch (the float32 model G)."""
+    ort, ov, ct = runtimes
+    wrapper = MappingGraph if graph == "mapping" else SynthesisGraph
+    module, reference = wrapper(G_export), wrapper(G)
+    output_name, resolution = ("w", None) if graph == "mapping" else ("img", G.img_resolution)
+    atol = PARITY_ATOL_FP16 if args.fp16 else PARITY_ATOL
+    example = make_inputs(G, graph, TRACE_BATCH, args.noise_input, gen, args.device)
+    cases = []
+    for batch in sorted({1, args.batch}):
+        inputs = make_inputs(G, graph, batch, args.noise_input, gen, args.device)
+        with torch.no_grad():
+            expected = reference(*inputs.values()).cpu().numpy()
+        cases.append(({name: t.cpu().numpy() for name, t in inputs.items()}, expected))
+
+    if args.format in ("onnx", "openvino"):
+        path = os.path.join(tmp, f"{graph}.onnx")
+        export_onnx(module, example, output_name, path, args.opset, metadata(G, args))
+        print(f"  {graph}.onnx: onnx.checker ok")
+        if ort is not None:
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            check_parity(f"{graph}.onnx in onnxruntime", lambda feeds: session.run(None, feeds)[0], cases, atol,
+                         resolution)
+    if args.format == "openvino":
+        xml = os.path.join(tmp, f"{graph}.xml")
+        export_openvino(ov, path, xml)
+        # f32: on a CPU with bf16 support OpenVINO would otherwise compute in bf16
+        compiled = ov.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        check_parity(f"{graph}.xml in OpenVINO", lambda feeds: compiled(feeds)[0], cases,
+                     max(atol, PARITY_ATOL_OPENVINO), resolution)
+    if args.format == "torchscript":
+        path = os.path.join(tmp, f"{graph}.torchscript.pt")
+        export_torchscript(module, example, path)
+        loaded = torch.jit.load(path, map_location=args.device)
+
+        def run(feeds):
+            with torch.no_grad():
+                return loaded(*(torch.from_numpy(v).to(args.device) for v in feeds.values())).cpu().numpy()
+        check_parity(f"{graph}.torchscript.pt", run, cases, atol, resolution)
+    if args.format == "coreml":
+        mlmodel = export_coreml(ct, module, example, output_name, os.path.join(tmp, f"{graph}.mlpackage"))
+        check_coreml(mlmodel, f"{graph}.mlpackage", example, output_name)
+
+
+def export(args):
+    ov = optional_import("openvino", "export.py openvino") if args.format == "openvino" else None
+    ct = optional_import("coremltools", "export.py coreml") if args.format == "coreml" else None
+    ort = None
+    if args.format in ("onnx", "openvino"):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            print("export.py: warning: onnxruntime is not installed, so the ONNX files are checked with onnx.checker "
+                  "but not run (pip install onnxruntime)", file=sys.stderr)
+    G = msgan.load(args.model, device=args.device, part="teacher" if args.teacher else "generator")
+    G = G.fold().requires_grad_(False)  # a student's fixed demodulation goes into its weights; a teacher is unchanged
+    kind = "MobileStyleGAN student (demodulation folded)" if G.is_student else "StyleGAN2 teacher"
+    print(f"export.py: {args.model}: {kind}, {G.img_resolution}x{G.img_resolution}, z_dim {G.z_dim}, "
+          f"w_dim {G.w_dim}, num_ws {G.num_ws}; noise: {'inputs' if args.noise_input else 'baked const'}; "
+          f"{'float16' if args.fp16 else 'float32'}")
+    G_export = copy.deepcopy(G).half() if args.fp16 else G
+    gen = torch.Generator().manual_seed(CHECK_SEED)
+    with staging(args.outdir) as tmp:
+        for graph in ["mapping", "synthesis"] + (["synthesis_wplus"] if args.wplus else []):
+            export_graph(args, G, G_export, graph, tmp, (ort, ov, ct), gen)
+        written = [f"{os.path.join(args.outdir, name)} ({size_of(os.path.join(tmp, name)) / MB:.1f} MB)"
+                   for name in sorted(os.listdir(tmp))]
+    print("wrote " + ", ".join(written))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Export an msgan generator (mapping + synthesis) and check the result.")
+    p.add_argument("format", choices=FORMATS, help="onnx, torchscript, openvino (via ONNX) or coreml")
+    p.add_argument("--model", default="ffhq", help="model name or checkpoint path, as for msgan.load (default: ffhq)")
+    p.add_argument("--teacher", action="store_true", help="the StyleGAN2 teacher of an official/msgan checkpoint")
+    p.add_argument("--outdir", default="export", help="output directory (default: export)")
+    p.add_argument("--wplus", action="store_true", help="also export synthesis_wplus (input ws [B, num_ws, w_dim])")
+    p.add_argument("--noise-input", action="store_true", help="noise maps as inputs noise_i instead of baked constants")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic; inputs/outputs stay float32")
+    p.add_argument("--device", default="cpu", help="device that traces and computes the reference (default: cpu)")
+    p.add_argument("--batch", type=int, default=2, help="batch size of the check, besides 1 (default: 2)")
+    args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error("--batch must be at least 1")
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        p.error(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        export(args)
+    except (ExportError, ValueError, OSError, msgan.DownloadError) as e:  # msgan.CheckpointError is a ValueError
+        print(f"export.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
