@@ -103,7 +103,8 @@ def generate(G, seeds, psi, noise_mode, batch, device, teacher=None, progress=No
     """Yield (seed, image [H, W, 3] uint8) in seed order; with a teacher, teacher | student side by side."""
     for start in range(0, len(seeds), batch):
         chunk = seeds[start:start + batch]
-        source = teacher or G  # the teacher's noise list also feeds the student (it takes the first maps)
+        # the teacher's (longer) noise list also feeds the student, which takes the maps it has
+        source = teacher if teacher is not None else G
         z, noise = seeded_inputs(source, chunk, noise_mode, device)
         if teacher is not None and noise is None and noise_mode == "const":
             noise = teacher.synthesis.resolve_noise(len(chunk), None, "const", device)
