@@ -542,11 +542,122 @@ def r1_penalty(D, real):
 
 
 # ----------------------------------------------------------------------------------------------
+# Distillation losses (official MobileStyleGAN, core/loss/distiller_loss.py and perceptual_loss.py)
+
+PERCEPTUAL_SIZE = 256  # both images are resized to this before VGG16 (official)
+
+
+def distillation_loss(freq, teacher_img):
+    """Pixel + wavelet L1 and L2 of every student wavelet head against the teacher image.
+
+    freq: the student's heads, freq[k] [B, 12, s, s]; teacher_img [B, 3, R, R]. For each head the teacher
+    image is resized to 2s (bilinear, align_corners=True, no antialias: the official choice) and compared
+    with the head's IDWT (pixels) and with the head itself (Haar coefficients of the resized image).
+    Returns {"l1", "l2"} (unweighted sums over heads of element means) plus each term as
+    "{l1|l2}_{rgb|freq}/{k}".
+    """
+    terms = {}
+    for k, head in enumerate(freq):
+        pred_rgb = ops.wavelets_to_img(head)                                       # [B, 3, 2s, 2s]
+        target_rgb = F.interpolate(teacher_img, size=pred_rgb.shape[-1], mode="bilinear", align_corners=True)
+        target_freq = ops.img_to_wavelets(target_rgb)                              # [B, 12, s, s]
+        terms[f"l1_rgb/{k}"] = F.l1_loss(pred_rgb, target_rgb)
+        terms[f"l1_freq/{k}"] = F.l1_loss(head, target_freq)
+        terms[f"l2_rgb/{k}"] = F.mse_loss(pred_rgb, target_rgb)
+        terms[f"l2_freq/{k}"] = F.mse_loss(head, target_freq)
+    for norm in ("l1", "l2"):  # summed in the official order: rgb_0, freq_0, rgb_1, freq_1, ...
+        terms[norm] = sum(terms[f"{norm}_{kind}/{k}"] for k in range(len(freq)) for kind in ("rgb", "freq"))
+    return terms
+
+
+def perceptual_loss(img, teacher_img, vgg, size=PERCEPTUAL_SIZE):
+    """Sum over VGG16 taps of the L1 distance between the features of student and teacher images.
+
+    As the official code: both resized to `size` (bilinear, align_corners=False), the raw [-1, 1]-ish
+    values fed to the network without ImageNet normalisation, no gradient through the teacher branch.
+    vgg: a module returning a dict of feature maps (fid.VGG16, passed in so msgan does not depend on fid).
+    """
+    pred = vgg(F.interpolate(img, size=size, mode="bilinear", align_corners=False))
+    with torch.no_grad():
+        target = vgg(F.interpolate(teacher_img, size=size, mode="bilinear", align_corners=False))
+    return sum(F.l1_loss(pred[name], target[name]) for name in pred)
+
+
+# ----------------------------------------------------------------------------------------------
+# Differentiable augmentation for the GAN terms (the official kornia pipeline, in plain torch):
+# horizontal flip, random affine, random erasing, each applied to a sample with probability p.
+# Parameters are drawn separately (augment_params) so that a training step can draw them for its whole
+# global batch up front and hand every rank or gradient-accumulation round its slice.
+
+AUG_ROTATE_DEG = 20.0            # rotation uniform in [-20, 20] degrees about the centre
+AUG_TRANSLATE = (0.1, 0.3)       # |dx| < 0.1 W, |dy| < 0.3 H
+AUG_SCALE = (0.7, 1.2)           # isotropic scale
+AUG_ERASE_AREA = (0.02, 0.33)    # erased rectangle: fraction of the image area ...
+AUG_ERASE_RATIO = (0.3, 3.3)     # ... and aspect ratio h / w, log-uniform
+
+
+def augment_params(n, p, generator=None):
+    """Random parameters for n samples: a dict of [n] float tensors (CPU, float32)."""
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+    params = {name: (torch.rand(n, generator=generator) < p).float() for name in ("flip", "affine", "erase")}
+    params["angle"] = uniform(-AUG_ROTATE_DEG, AUG_ROTATE_DEG) * math.pi / 180
+    params["dx"] = uniform(-AUG_TRANSLATE[0], AUG_TRANSLATE[0])     # fractions of the width / height
+    params["dy"] = uniform(-AUG_TRANSLATE[1], AUG_TRANSLATE[1])
+    params["scale"] = uniform(*AUG_SCALE)
+    area = uniform(*AUG_ERASE_AREA)
+    ratio = torch.exp(uniform(math.log(AUG_ERASE_RATIO[0]), math.log(AUG_ERASE_RATIO[1])))
+    params["erase_h"] = torch.sqrt(area * ratio).clamp(max=1)      # fractions of H and W
+    params["erase_w"] = torch.sqrt(area / ratio).clamp(max=1)
+    params["erase_y"] = torch.rand(n, generator=generator) * (1 - params["erase_h"])
+    params["erase_x"] = torch.rand(n, generator=generator) * (1 - params["erase_w"])
+    return params
+
+
+def slice_params(params, start, stop):
+    return {k: v[start:stop] for k, v in params.items()}
+
+
+def augment(x, params):
+    """Apply flip -> affine -> erase to x [B, C, H, W] (square) with params from augment_params.
+
+    Differentiable in x. A sample whose op is off passes through that op unchanged (bit-exact).
+    """
+    B, C, H, W = x.shape
+    param = {k: v.to(x.device, x.dtype)[:, None, None, None] for k, v in params.items()}  # [B, 1, 1, 1] each
+    x = torch.where(param["flip"] > 0, x.flip(3), x)
+    # output pixel q = s R (p - c) + c + t; grid_sample wants the input point of every output point:
+    # p = (s R)^-1 (q - t), in normalised coordinates (align_corners=False, centre 0, width 2).
+    angle, scale = params["angle"].to(x), params["scale"].to(x)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    t = torch.stack([2 * params["dx"], 2 * params["dy"]], dim=1).to(x)                    # [B, 2]
+    inverse = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)  # [B, 2, 2] = R(-a) / s
+    theta = torch.cat([inverse, -(inverse @ t[:, :, None])], dim=2)                      # [B, 2, 3]
+    grid = F.affine_grid(theta, [B, C, H, W], align_corners=False)
+    warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = torch.where(param["affine"] > 0, warped, x)
+    rows = torch.arange(H, device=x.device, dtype=x.dtype)[None, None, :, None] / H    # [1, 1, H, 1]
+    cols = torch.arange(W, device=x.device, dtype=x.dtype)[None, None, None, :] / W    # [1, 1, 1, W]
+    inside = ((rows >= param["erase_y"]) & (rows < param["erase_y"] + param["erase_h"])
+              & (cols >= param["erase_x"]) & (cols < param["erase_x"] + param["erase_w"]))
+    return torch.where(inside & (param["erase"] > 0), torch.zeros_like(x), x)
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoint I/O. Three formats: msgan's own, rosinality/stylegan2-pytorch, official MobileStyleGAN.
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the offending key/shape."""
+
+
+def read_checkpoint(path):
+    """The raw contents of a checkpoint file (a dict), read with weights_only=True."""
+    ckpt = _read(os.fspath(path))
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: unknown checkpoint format (a {type(ckpt).__name__}, not a dict)")
+    return ckpt
 
 
 def _read(path):
@@ -737,7 +848,8 @@ RANDOM_FACE_SHA256 = {
 }
 FFHQ_CONFIG = dict(arch="mobilestylegan", z_dim=512, w_dim=512, mapping_layers=8,
                    channels=[512, 512, 512, 512, 512, 256, 128, 64], folded=True)
-PRETRAINED = {"ffhq": "ffhq.pt"}
+PRETRAINED = {"ffhq": "ffhq.pt", "emoji-teacher": "emoji-teacher.pt", "emoji": "emoji.pt"}
+FETCHED = ("ffhq",)  # made on first use; the others ship in weights/
 
 
 class DownloadError(RuntimeError):
@@ -889,6 +1001,8 @@ def import_random_face(wheel):
 def pretrained_path(name):
     """Path of a pretrained model in WEIGHTS_DIR, fetched and imported on first use."""
     path = os.path.join(WEIGHTS_DIR, PRETRAINED[name])
+    if not os.path.isfile(path) and name not in FETCHED:
+        raise CheckpointError(f"{path}: missing; it ships with msgan (restore it with `git checkout weights/`)")
     if not os.path.isfile(path):
         G = import_random_face(fetch_random_face_wheel(os.path.join(WEIGHTS_DIR, "cache")))
         save(path, generator=G, source=f"{RANDOM_FACE_REQUIREMENT} (OpenVINO IR), imported by msgan")
@@ -917,18 +1031,19 @@ def load(src, device="cpu", part="generator"):
     src: a pretrained model name (see PRETRAINED: "ffhq"), or the path to a msgan,
     rosinality/stylegan2-pytorch or official MobileStyleGAN checkpoint.
     part: "generator" (the student of an official checkpoint, else the stored generator), "teacher"
-    (the StyleGAN2 teacher of an official or msgan checkpoint) or "discriminator".
+    (the StyleGAN2 network of the file: an official or distillation checkpoint's teacher, or a StyleGAN2
+    generator) or "discriminator".
     Returns the module in eval mode on `device`. Raises CheckpointError with a one-line reason.
     """
     if part not in ("generator", "teacher", "discriminator"):
         raise ValueError(f"part must be 'generator', 'teacher' or 'discriminator', got {part!r}")
     path = pretrained_path(src) if src in PRETRAINED else os.fspath(src)
-    ckpt = _read(path)
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: unknown checkpoint format (a {type(ckpt).__name__}, not a dict)")
+    ckpt = read_checkpoint(path)
     if ckpt.get("format") == FORMAT_NAME:
         if ckpt.get("version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: msgan checkpoint version {ckpt.get('version')} is not supported")
+        if part == "teacher" and part not in ckpt and ckpt.get("generator", {}).get("config", {}).get("arch") == "stylegan2":
+            part = "generator"  # a trained teacher is saved as the file's generator
         if part not in ckpt:
             raise CheckpointError(f"{path}: holds no {part} (it has: {', '.join(k for k in ckpt if k in ('generator', 'teacher', 'discriminator'))})")
         net = _build(ckpt[part], path, part)

@@ -1,0 +1,875 @@
+"""Train MobileStyleGAN: distil a StyleGAN2 teacher into the wavelet student, or train a teacher.
+
+    python train.py                                        # distil the shipped emoji teacher (2 CPU cores, ~30 min)
+    python train.py --teacher CKPT --steps 20000           # distil any StyleGAN2 checkpoint msgan.load reads
+    python train.py teacher --data DIR --res 32            # train a StyleGAN2 teacher on a folder of images
+    python train.py --resume runs/RUN/last.pt              # continue a run exactly where it stopped
+    torchrun --standalone --nproc_per_node=2 train.py ...  # the same, data parallel (DDP) over processes
+
+One loop serves both modes (see `train`). Every step draws all the randomness of its global batch up front
+(z, style mixing, noise, augmentation, data indices), so any split of the batch over ranks and
+gradient-accumulation rounds (--batch-gpu) computes the same thing. A step is a generator phase (the student
+against the frozen teacher, or the teacher against the data, plus the GAN term through a frozen D) and a
+discriminator phase on the same real and fake images, then an EMA update of the generator. Every
+--log-every steps: a JSONL line, a sample grid, a validation figure and a checkpoint (last.pt, and best.pt
+when validation improved). The checkpoint's generator is the EMA generator, so msgan.load, sample.py and
+export.py use it as it is; the rest of the file is what --resume needs.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import fid
+import msgan
+
+DEFAULT_TEACHER = "emoji-teacher"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+SWD_PROJECTIONS = 512     # random directions of the sliced Wasserstein distance (teacher validation)
+SWD_SEED = 0
+VAL_SEED = 123456         # fixed z / noise / reals of the validation set and the sample grids
+GRID_SAMPLES = 16         # images per panel of a grid
+
+# Official MobileStyleGAN settings (configs/mobile_stylegan_ffhq.json, core/loss/*.py) and StyleGAN2's.
+DISTILL_DEFAULTS = dict(steps=6000, batch=16, lr=5e-4, d_lr=5e-4, betas=(0.9, 0.999), grad_clip=10.0,
+                        ema_kimg=2.0, r1=10.0, r1_every=16, r1_mode="replace", aug_p=0.5, mix_prob=0.0,
+                        log_every=500, val_samples=64)
+TEACHER_DEFAULTS = dict(steps=50000, batch=32, lr=2e-3, d_lr=2e-3, betas=(0.0, 0.99), grad_clip=0.0,
+                        ema_kimg=10.0, r1=0.05, r1_every=16, r1_mode="add", aug_p=0.3, mix_prob=0.9,
+                        log_every=500, val_samples=256)
+# Only these may change when a run is resumed; everything else comes from the checkpoint.
+RESUME_OVERRIDES = ("steps", "outdir", "log_every", "device", "compile", "vgg", "data", "teacher", "resume")
+
+
+class TrainError(Exception):
+    """A problem with the user's input or environment; reported on one line."""
+
+
+class UsageError(TrainError):
+    """A missing or contradictory flag (exit status 2, like argparse's own errors)."""
+
+
+class NonFiniteLoss(TrainError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def positive_int(text):
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def nonnegative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def probability(text):
+    value = nonnegative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value
+
+
+def channel_list(text):
+    try:
+        channels = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths, e.g. 256,256,128,64, got {text!r}") from None
+    if not channels or min(channels) < 1:
+        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
+    return channels
+
+
+def build_parser(mode):
+    defaults = DISTILL_DEFAULTS if mode == "distill" else TEACHER_DEFAULTS
+    if mode == "distill":
+        parser = argparse.ArgumentParser(
+            prog="train.py", description="Distil a StyleGAN2 teacher into a MobileStyleGAN student. "
+            "(`python train.py teacher --help`: train a StyleGAN2 teacher on an image folder.)")
+        parser.add_argument("--teacher", help=f"StyleGAN2 checkpoint or pretrained name (default {DEFAULT_TEACHER})")
+        parser.add_argument("--vgg", help="VGG16 weight file for the perceptual loss (default: the torch hub cache)")
+        parser.add_argument("--l1", type=nonnegative_float, default=1.0, help="weight of the pixel+wavelet L1 loss")
+        parser.add_argument("--l2", type=nonnegative_float, default=1.0, help="weight of the pixel+wavelet L2 loss")
+        parser.add_argument("--perceptual", type=nonnegative_float, default=1.0, help="weight of the VGG16 loss")
+        parser.add_argument("--gan", type=nonnegative_float, default=0.5, help="weight of the GAN loss")
+        parser.add_argument("--trunc", type=probability, default=1.0, help="truncation psi of the training w")
+        parser.add_argument("--d-channels", type=channel_list, help="discriminator widths at R, R/2, ..., 4 "
+                            "(default: the teacher's widths)")
+    else:
+        parser = argparse.ArgumentParser(prog="train.py teacher",
+                                         description="Train a StyleGAN2 teacher on a folder of images.")
+        parser.add_argument("--data", required=True, help="folder of PNG/JPEG/WebP images (any size and mode)")
+        parser.add_argument("--res", type=positive_int, default=32, help="training resolution (power of 2, >= 16)")
+        parser.add_argument("--channels", type=channel_list, help="generator widths at 4, 8, ..., res "
+                            "(default: see default_teacher_channels)")
+        parser.add_argument("--d-channels", type=channel_list, help="discriminator widths at res, ..., 4 "
+                            "(default: the generator's, reversed)")
+        parser.add_argument("--z-dim", type=positive_int, default=128)
+        parser.add_argument("--w-dim", type=positive_int, default=128)
+        parser.add_argument("--mapping-layers", type=positive_int, default=2)
+        parser.add_argument("--xflip", action="store_true", help="also train on mirrored images")
+        parser.add_argument("--pl-weight", type=nonnegative_float, default=0.0,
+                            help="path-length regularisation weight (StyleGAN2: 2; 0 = off)")
+        parser.add_argument("--pl-every", type=positive_int, default=4, help="lazy path-length interval")
+    parser.add_argument("--steps", type=positive_int, default=defaults["steps"], help="total optimiser steps")
+    parser.add_argument("--batch", type=positive_int, default=defaults["batch"], help="global batch size")
+    parser.add_argument("--batch-gpu", type=positive_int, help="samples per device per round "
+                        "(default: batch / processes; smaller accumulates gradients)")
+    parser.add_argument("--outdir", help="run folder (default: runs/<mode>-<date>-<time>)")
+    parser.add_argument("--resume", help="checkpoint to continue from (its settings are used)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--lr", type=nonnegative_float, default=defaults["lr"], help="generator Adam lr")
+    parser.add_argument("--d-lr", type=nonnegative_float, default=defaults["d_lr"], help="discriminator Adam lr")
+    parser.add_argument("--betas", type=float, nargs=2, default=defaults["betas"], help="Adam betas")
+    parser.add_argument("--grad-clip", type=nonnegative_float, default=defaults["grad_clip"],
+                        help="max gradient norm (0 = no clipping)")
+    parser.add_argument("--ema-kimg", type=nonnegative_float, default=defaults["ema_kimg"],
+                        help="EMA half-life in thousands of images (ramped up over the first images)")
+    parser.add_argument("--r1", type=nonnegative_float, default=defaults["r1"], help="R1 gamma (0 = off)")
+    parser.add_argument("--r1-every", type=positive_int, default=defaults["r1_every"], help="lazy R1 interval")
+    parser.add_argument("--r1-mode", choices=["replace", "add"], default=defaults["r1_mode"],
+                        help="on R1 steps, R1 replaces the D loss (official MobileStyleGAN) or is added to it (StyleGAN2)")
+    parser.add_argument("--aug-p", type=probability, default=defaults["aug_p"],
+                        help="probability of each augmentation (flip, affine, erase) per sample")
+    parser.add_argument("--mix-prob", type=probability, default=defaults["mix_prob"], help="style-mixing probability")
+    parser.add_argument("--log-every", type=positive_int, default=defaults["log_every"],
+                        help="steps between logs, grids, validation and checkpoints")
+    parser.add_argument("--val-samples", type=positive_int, default=defaults["val_samples"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the generator (falls back to eager)")
+    parser.add_argument("--amp", choices=["bf16"], help="bfloat16 autocast (CUDA only)")
+    parser.add_argument("--debug-nan", metavar="TERM@STEP", help=argparse.SUPPRESS)  # test hook: poison a loss
+    return parser
+
+
+def parse_args(argv):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = "teacher" if argv[:1] == ["teacher"] else "distill"
+    parser = build_parser(mode)
+    args = parser.parse_args(argv[1:] if mode == "teacher" else argv)
+    args.mode = mode
+    if args.resume:
+        explicit = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+        saved = read_resume_args(args.resume)
+        if saved.get("mode") != mode:
+            parser.error(f"--resume {args.resume}: a {saved.get('mode')} run; "
+                         f"use `python train.py{' teacher' if saved.get('mode') == 'teacher' else ''} --resume ...`")
+        ignored = sorted(k for k in explicit if k not in RESUME_OVERRIDES and k != "mode")
+        if ignored:
+            print(f"train.py: resuming: ignoring --{', --'.join(k.replace('_', '-') for k in ignored)} "
+                  "(the checkpoint's settings apply)", file=sys.stderr)
+        args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESUME_OVERRIDES if k in explicit},
+                                     "resume": args.resume})
+        args.outdir = args.outdir if "outdir" in explicit else os.path.dirname(os.path.abspath(args.resume))
+    args.betas = tuple(args.betas)
+    return args, parser
+
+
+def read_resume_args(path):
+    try:
+        ckpt = msgan.read_checkpoint(path)
+    except msgan.CheckpointError as e:
+        raise TrainError(f"--resume: {e}") from None
+    if not isinstance(ckpt.get("train"), dict) or "args" not in ckpt["train"]:
+        raise TrainError(f"--resume: {path} is not a train.py checkpoint (it holds no training state)")
+    return dict(ckpt["train"]["args"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Images in: a small data set decoded once and kept in memory as uint8
+
+
+def read_training_image(path, res):
+    """One image as uint8 [3, res, res]: any mode, transparency on white, centre-cropped, antialiased resize."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits (PIL would clip at 255)
+            array = torch.from_numpy(__import__("numpy").asarray(im, dtype="float32"))
+            im = Image.fromarray((array * (255 / 65535)).round().clamp(0, 255).byte().numpy(), "L")
+        if im.mode in ("P", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode == "RGBA":
+            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(white, im)
+        im = im.convert("RGB")
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((res, res), Image.LANCZOS)
+        return torch.from_numpy(__import__("numpy").array(im)).permute(2, 0, 1).contiguous()
+
+
+def load_image_folder(folder, res, log=print):
+    """All readable images of a folder (not recursive, sorted by name): uint8 [N, 3, res, res].
+
+    Unreadable files are skipped with a warning each; a folder with no readable image is an error.
+    """
+    if not os.path.isdir(folder):
+        raise TrainError(f"--data {folder}: no such folder")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    images = []
+    for name in names:
+        try:
+            images.append(read_training_image(os.path.join(folder, name), res))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            log(f"warning: skipping {os.path.join(folder, name)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    if not images:
+        raise TrainError(f"--data {folder}: no readable image ({', '.join(IMAGE_EXTENSIONS)})")
+    return torch.stack(images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+
+
+def default_teacher_channels(res):
+    """Generator widths at 4, 8, ..., res for CPU-sized teachers: 256 up to 8x8, halving above, >= 32."""
+    return [max(32, min(256, 2048 // r)) for r in (4 * 2**i for i in range(int(math.log2(res)) - 1))]
+
+
+def student_for(teacher):
+    """A fresh MobileStyleGAN student of the teacher's geometry, with the teacher's mapping (frozen) and w_avg."""
+    if teacher.img_resolution < 16:
+        raise TrainError(f"teacher resolution {teacher.img_resolution}: the student needs at least 16x16")
+    channels = teacher.synthesis.channels[:-1]
+    if any(c % 4 for c in channels[:-1]):
+        raise TrainError(f"teacher widths {channels}: the student's IDWT needs widths divisible by 4")
+    config = dict(arch="mobilestylegan", z_dim=teacher.z_dim, w_dim=teacher.w_dim,
+                  mapping_layers=len(teacher.mapping.layers), channels=channels)
+    student = msgan.Generator(config)
+    student.mapping.load_state_dict(teacher.mapping.state_dict())
+    student.w_avg.copy_(teacher.w_avg)
+    student.mapping.requires_grad_(False)
+    return student
+
+
+class GeneratorPass(nn.Module):
+    """One training forward of a Generator as a single call (what DistributedDataParallel wraps):
+    mapping of z and of the mixing z, style mixing at per-sample slots, truncation, synthesis.
+
+    Returns (img [B, 3, R, R], freq (the student's wavelet heads) or None, ws [B, num_ws, w_dim]).
+    """
+
+    def __init__(self, G):
+        super().__init__()
+        self.G = G
+
+    def forward(self, z, z_mix, mix_at, noise, psi=1.0):
+        G = self.G
+        w, w_mix = G.mapping(z), G.mapping(z_mix)                                  # [B, w_dim] each
+        slot = torch.arange(G.num_ws, device=z.device)[None, :, None]              # [1, num_ws, 1]
+        ws = G.truncate(torch.where(slot < mix_at[:, None, None], w[:, None], w_mix[:, None]), psi)
+        if G.is_student:
+            img, freq = G.synthesis(ws, noise=noise, return_freq=True)
+            return img, freq, ws
+        return G.synthesis(ws, noise=noise), None, ws
+
+
+def maybe_compile(module, enabled, log):
+    """torch.compile(module) if asked for and working here; otherwise the module, with one warning."""
+    if not enabled:
+        return module
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(2))  # probes the compiler tool chain once
+        return torch.compile(module)
+    except Exception as e:  # no C++ compiler, unsupported Python, ...: eager is always correct
+        log(f"warning: --compile unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "running eager")
+        return module
+
+
+@torch.no_grad()
+def update_ema(ema, model, beta):
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - beta)
+
+
+def set_requires_grad(module, flag):
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+# ----------------------------------------------------------------------------------------------
+# What differs between the two modes: where real images come from, and the generator's own losses
+
+
+class Distillation:
+    """The student against the frozen teacher on the same w and noise (official MobileStyleGAN losses)."""
+
+    def __init__(self, teacher, vgg, args):
+        self.teacher, self.vgg, self.args = teacher, vgg, args
+        self.noise_resolutions = teacher.synthesis.noise_resolutions  # the student takes its prefix
+        self.psi = args.trunc
+
+    def draw_reals(self, n, generator):
+        return None  # the teacher makes them in the generator pass
+
+    def generator_losses(self, gen, inputs, step):
+        img, freq, ws = gen(inputs["z"], inputs["z_mix"], inputs["mix_at"], inputs["noise"], self.psi)
+        with torch.no_grad():
+            real = self.teacher.synthesis(ws, noise=inputs["noise"])
+        terms = msgan.distillation_loss(freq, real)
+        losses = {"l1": terms["l1"], "l2": terms["l2"]}
+        if self.vgg is not None:
+            losses["perceptual"] = msgan.perceptual_loss(img, real, self.vgg)
+        return img, real, losses
+
+    def weights(self):
+        return {"l1": self.args.l1, "l2": self.args.l2, "perceptual": self.args.perceptual, "gan": self.args.gan}
+
+
+class TeacherTraining:
+    """StyleGAN2 against a data set held in memory, with optional lazy path-length regularisation."""
+
+    def __init__(self, images, args, device):
+        self.images, self.args, self.device = images, args, device
+        self.noise_resolutions = None  # set from the generator
+        self.psi = 1.0
+        self.pl_mean = torch.zeros((), device=device)  # running mean path length (saved with the run)
+
+    def draw_reals(self, n, generator):
+        index = torch.randint(len(self.images), (n,), generator=generator)
+        flip = torch.rand(n, generator=generator) < (0.5 if self.args.xflip else 0.0)
+        return {"index": index, "flip": flip}
+
+    def reals(self, draw):
+        x = self.images[draw["index"]].to(self.device).float() / 127.5 - 1       # [B, 3, R, R] in [-1, 1]
+        return torch.where(draw["flip"].to(self.device)[:, None, None, None], x.flip(3), x)
+
+    def generator_losses(self, gen, inputs, step):
+        pl_step = self.args.pl_weight > 0 and step % self.args.pl_every == 0
+        img, _, ws = gen(inputs["z"], inputs["z_mix"], inputs["mix_at"], inputs["noise"])
+        losses = {}
+        if pl_step:  # ||J_w^T y|| for image-space noise y should stay near its running mean
+            y = inputs["pl_noise"].to(img) / math.sqrt(img.shape[2] * img.shape[3])
+            (grad,) = torch.autograd.grad((img * y).sum(), ws, create_graph=True)
+            lengths = grad.pow(2).sum(2).mean(1).sqrt()                           # [B]
+            self.pl_mean.lerp_(lengths.mean().detach(), 0.01)
+            losses["pl"] = (lengths - self.pl_mean).pow(2).mean() * self.args.pl_every
+        return img, self.reals(inputs["reals"]), losses
+
+    def weights(self):
+        return {"gan": 1.0, "pl": self.args.pl_weight}
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up and the randomness of one step
+
+
+def setup_distributed(device_name):
+    """(rank, world size, device); torchrun's environment turns on DDP (NCCL on CUDA, gloo on CPU)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device(device_name)
+    cuda = torch.device(device_name).type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce(tensor, op=None):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def draw_step(task, G, batch, args, generator=None):
+    """Everything random in one step, for the whole global batch (CPU tensors, sliced per chunk)."""
+    num_ws = G.num_ws
+    mixing = torch.rand(batch, generator=generator) < args.mix_prob
+    crossover = torch.randint(1, num_ws, (batch,), generator=generator)
+    inputs = {
+        "z": torch.randn(batch, G.z_dim, generator=generator),
+        "z_mix": torch.randn(batch, G.z_dim, generator=generator),
+        "mix_at": torch.where(mixing, crossover, torch.full_like(crossover, num_ws)),
+        "noise": [torch.randn(batch, 1, r, r, generator=generator) for r in task.noise_resolutions],
+        "aug_g": msgan.augment_params(batch, args.aug_p, generator),
+        "aug_real": msgan.augment_params(batch, args.aug_p, generator),
+        "aug_fake": msgan.augment_params(batch, args.aug_p, generator),
+    }
+    reals = task.draw_reals(batch, generator)
+    if reals is not None:
+        inputs["reals"] = reals
+    if getattr(args, "pl_weight", 0) > 0:
+        inputs["pl_noise"] = torch.randn(batch, 3, G.img_resolution, G.img_resolution, generator=generator)
+    return inputs
+
+
+def chunk_of(inputs, start, stop, device):
+    """The samples [start, stop) of a step's inputs, on the device."""
+    def cut(x):
+        if isinstance(x, dict):
+            return {k: cut(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [cut(v) for v in x]
+        return x[start:stop].to(device) if x.dtype.is_floating_point or x.dtype == torch.int64 else x[start:stop]
+    return cut(inputs)
+
+
+def check_finite(losses, step, poison=None):
+    """Stop on a non-finite loss term, on every rank alike; names the term and the step."""
+    if poison is not None and poison[1] == step and poison[0] in losses:
+        losses[poison[0]] = losses[poison[0]] * float("nan")
+    names = list(losses)
+    bad = torch.tensor([0.0 if torch.isfinite(losses[n].detach()).all() else 1.0 for n in names])
+    all_reduce(bad, dist.ReduceOp.MAX if dist.is_initialized() else None)
+    if bad.any():
+        term = names[int(bad.nonzero()[0])]
+        raise NonFiniteLoss(f"non-finite {term} loss at step {step}; stopped, the last checkpoint is untouched")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and sample grids (fixed inputs, independent of the training randomness)
+
+
+def validation_inputs(task, G, n):
+    g = torch.Generator().manual_seed(VAL_SEED)
+    z = torch.randn(n, G.z_dim, generator=g)
+    noise = [torch.randn(n, 1, r, r, generator=g) for r in task.noise_resolutions]
+    return z, noise
+
+
+@torch.no_grad()
+def psnr(img, target):
+    """Per-sample PSNR in dB of images in [-1, 1] (peak-to-peak 2), both clamped to that range."""
+    mse = (img.clamp(-1, 1) - target.clamp(-1, 1)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4 / mse.clamp(min=1e-10))
+
+
+def sliced_wasserstein(a, b, projections=SWD_PROJECTIONS, seed=SWD_SEED):
+    """Mean over random unit directions of the 1-D Wasserstein-1 distance between two sets of vectors
+    [N, D] (equal N). A cheap, network-free distance between image distributions (teacher validation)."""
+    g = torch.Generator().manual_seed(seed)
+    directions = F.normalize(torch.randn(a.shape[1], projections, generator=g), dim=0).to(a)  # [D, P]
+    pa, pb = (a @ directions).sort(0).values, (b @ directions).sort(0).values                # [N, P]
+    return (pa - pb).abs().mean().item()
+
+
+class Validator:
+    """Distillation: PSNR of the EMA student against the teacher (higher is better). Teacher training:
+    sliced Wasserstein distance x 1000 between EMA samples and real images, in pixels (lower is better).
+    Each rank evaluates its share of the fixed set; the figures are reduced over ranks."""
+
+    def __init__(self, task, G, args, rank, world, device):
+        self.task, self.device = task, device
+        z, noise = validation_inputs(task, G, args.val_samples)
+        mine = slice(rank * len(z) // world, (rank + 1) * len(z) // world)
+        self.z, self.noise = z[mine].to(device), [n[mine].to(device) for n in noise]
+        self.grid_z, self.grid_noise = z[:GRID_SAMPLES].to(device), [n[:GRID_SAMPLES].to(device) for n in noise]
+        self.distill = isinstance(task, Distillation)
+        self.name, self.higher_is_better = ("psnr_db", True) if self.distill else ("swd_x1000", False)
+        if not self.distill:
+            order = torch.randperm(len(task.images), generator=torch.Generator().manual_seed(VAL_SEED))
+            self.reals = task.images[order[:args.val_samples]].float() / 127.5 - 1
+            self.world = world
+
+    def run(self, G, batch):
+        with torch.no_grad():
+            fakes = torch.cat([G.synthesis(G.mapping(self.z[i:i + batch]),
+                                           noise=[n[i:i + batch] for n in self.noise]) for i in range(0, len(self.z), batch)])
+            if self.distill:
+                teacher = self.task.teacher
+                target = torch.cat([teacher.synthesis(teacher.mapping(self.z[i:i + batch]),
+                                                      noise=[n[i:i + batch] for n in self.noise])
+                                    for i in range(0, len(self.z), batch)])
+                total = all_reduce(torch.stack([psnr(fakes, target).sum(), torch.tensor(float(len(fakes)))]).cpu())
+                return (total[0] / total[1]).item()
+        if self.world > 1:  # the distance needs every sample in one place
+            gathered = [torch.empty_like(fakes) for _ in range(self.world)]
+            dist.all_gather(gathered, fakes.contiguous())
+            fakes = torch.cat(gathered)
+        n = min(len(fakes), len(self.reals))
+        return 1000 * sliced_wasserstein(fakes[:n].flatten(1).cpu(), self.reals[:n].flatten(1))
+
+    @torch.no_grad()
+    def grid(self, panels, path):
+        """panels: list of Generators; one 4x4 grid each of the fixed grid samples, side by side."""
+        tiles = []
+        for G in panels:
+            if isinstance(G, torch.Tensor):
+                img = G
+            else:
+                img = G.synthesis(G.mapping(self.grid_z), noise=self.grid_noise)
+            img = F.interpolate(img, size=panels_size(panels), mode="bilinear", align_corners=False) \
+                if img.shape[-1] != panels_size(panels) else img
+            rows = int(math.sqrt(len(img)))
+            img = img[:rows * rows].reshape(rows, rows, *img.shape[1:])                 # [r, r, 3, H, W]
+            tiles.append(img.permute(2, 0, 3, 1, 4).flatten(3, 4).flatten(1, 2))        # [3, r*H, r*W]
+        sep = torch.ones(3, tiles[0].shape[1], 2, device=tiles[0].device)
+        grid = torch.cat([t for tile in tiles for t in (tile, sep)][:-1], dim=2)
+        array = (grid * 127.5 + 128).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+        save_png(Image.fromarray(array), path)
+
+
+def panels_size(panels):
+    return max(p.img_resolution if not isinstance(p, torch.Tensor) else p.shape[-1] for p in panels)
+
+
+def save_png(image, path):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Run state: build or resume, save
+
+
+class StopFlag:
+    """While active, SIGINT / SIGTERM ask the loop to stop after the current step (a second Ctrl-C
+    interrupts at once); the previous handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+
+    def handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        self.previous = [signal.signal(s, self.handler) for s in self.SIGNALS]
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in zip(self.SIGNALS, self.previous):
+            signal.signal(s, h)
+
+
+def prepare_outdir(args, resuming):
+    """A writable run folder (checked now, not after an hour of training), cleared of the temp files a
+    killed run may have left; an existing run is only ever continued with --resume, never overwritten."""
+    last = os.path.join(args.outdir, "last.pt")
+    if not resuming and os.path.exists(last):
+        raise TrainError(f"--outdir {args.outdir} already holds a run (last.pt): continue it with "
+                         f"--resume {last}, or choose another --outdir")
+    try:
+        os.makedirs(os.path.join(args.outdir, "grids"), exist_ok=True)
+        for folder in (args.outdir, os.path.join(args.outdir, "grids")):
+            for name in os.listdir(folder):
+                if name.startswith(".tmp-"):
+                    os.unlink(os.path.join(folder, name))
+        fd, probe = tempfile.mkstemp(dir=args.outdir, prefix=".tmp-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise TrainError(f"--outdir {args.outdir} is not writable ({e.strerror or e})") from None
+
+
+def load_teacher(src, device):
+    if src is None:
+        if not os.path.isfile(os.path.join(msgan.WEIGHTS_DIR, msgan.PRETRAINED[DEFAULT_TEACHER])):
+            raise UsageError(f"no default teacher ({DEFAULT_TEACHER}) in {msgan.WEIGHTS_DIR}: "
+                             "give one with --teacher PATH|NAME")
+        src = DEFAULT_TEACHER
+    try:
+        teacher = msgan.load(src, device=device, part="teacher")
+    except (msgan.CheckpointError, msgan.DownloadError) as e:
+        raise TrainError(f"--teacher: {e}") from None
+    if teacher.is_student:
+        raise TrainError(f"--teacher {src}: a MobileStyleGAN student, not a StyleGAN2 teacher")
+    return teacher.requires_grad_(False)
+
+
+def build_state(args, device, log):
+    """Networks, optimisers and the task, fresh or from --resume."""
+    resume = msgan.read_checkpoint(args.resume) if args.resume else None
+    if args.mode == "distill":
+        if resume is not None:
+            teacher = msgan.load(args.resume, device=device, part="teacher").requires_grad_(False)
+        else:
+            teacher = load_teacher(args.teacher, device)
+        vgg = None
+        if args.perceptual > 0:
+            try:
+                vgg = fid.load_vgg16(args.vgg).to(device)
+            except fid.FIDError as e:
+                log(f"warning: perceptual loss off: VGG16 weights unavailable ({e})")
+        task = Distillation(teacher, vgg, args)
+        G = student_for(teacher) if resume is None else None
+        d_channels = args.d_channels or teacher.synthesis.channels[::-1]
+        resolution = teacher.img_resolution
+    else:
+        images = load_image_folder(args.data, args.res, log)
+        log(f"data: {len(images)} images from {args.data} at {args.res}x{args.res}")
+        task = TeacherTraining(images, args, device)
+        if args.res < 16 or args.res & (args.res - 1):
+            raise TrainError(f"--res {args.res}: must be a power of 2, at least 16")
+        channels = args.channels or default_teacher_channels(args.res)
+        if len(channels) != int(math.log2(args.res)) - 1:
+            raise TrainError(f"--channels: {len(channels)} widths given, {int(math.log2(args.res)) - 1} needed "
+                             f"for 4..{args.res}")
+        G = msgan.Generator(dict(arch="stylegan2", z_dim=args.z_dim, w_dim=args.w_dim,
+                                 mapping_layers=args.mapping_layers, channels=channels)) if resume is None else None
+        d_channels = args.d_channels or channels[::-1]
+        resolution = args.res
+    if resume is not None:
+        G_ema = msgan.load(args.resume, device="cpu")
+        G = copy.deepcopy(G_ema)
+        G.load_state_dict(resume["train"]["G"])
+        D = msgan.load(args.resume, part="discriminator")
+    else:
+        if len(d_channels) != int(math.log2(resolution)) - 1:
+            raise TrainError(f"--d-channels: {len(d_channels)} widths given, {int(math.log2(resolution)) - 1} needed")
+        D = msgan.Discriminator(resolution, d_channels)
+        G_ema = copy.deepcopy(G)
+    if G.is_student:
+        G.mapping.requires_grad_(False)
+    G, G_ema, D = G.to(device).train(), G_ema.to(device).eval().requires_grad_(False), D.to(device).train()
+    if task.noise_resolutions is None:
+        task.noise_resolutions = G.synthesis.noise_resolutions
+    opt_g = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.d_lr, betas=args.betas)
+    state = dict(G=G, G_ema=G_ema, D=D, task=task, opt_g=opt_g, opt_d=opt_d, step=0, images_seen=0, best=None)
+    if resume is not None:
+        train = resume["train"]
+        opt_g.load_state_dict(train["opt_g"])
+        opt_d.load_state_dict(train["opt_d"])
+        state.update(step=train["step"], images_seen=train["images_seen"], best=train["best"])
+        torch.set_rng_state(train["rng"])
+        if "cuda_rng" in train and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(train["cuda_rng"])
+        if args.mode == "teacher":
+            task.pl_mean.copy_(train["pl_mean"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def generator_phase(run, inputs, step):
+    """The mode's own losses plus the GAN term through a frozen D, over this rank's chunks.
+    Returns [(real, fake, chunk)] for the discriminator phase."""
+    G, D, task, args = run.G, run.D, run.task, run.args
+    set_requires_grad(D, False)
+    run.opt_g.zero_grad(set_to_none=True)
+    pairs = []
+    for k, (lo, hi) in enumerate(run.chunks):
+        chunk = chunk_of(inputs, lo, hi, run.device)
+        with run.sync(run.gen, k), run.autocast():
+            fake, real, losses = task.generator_losses(run.gen, chunk, step)
+            if run.weights.get("gan", 0) > 0:
+                losses["gan"] = msgan.g_nonsaturating_loss(D(msgan.augment(fake, chunk["aug_g"])))
+            check_finite(losses, step, run.poison)
+            (sum(run.weights[n] * v for n, v in losses.items()) / len(run.chunks)).backward()
+        run.record(losses)
+        pairs.append((real.detach(), fake.detach(), chunk))
+    if args.grad_clip > 0:
+        nn.utils.clip_grad_norm_([p for p in G.parameters() if p.requires_grad], args.grad_clip)
+    run.opt_g.step()
+    return pairs
+
+
+def discriminator_phase(run, pairs, step):
+    """Logistic loss on augmented real and fake images; lazy R1 on the real ones, which on R1 steps is
+    added to the loss (StyleGAN2) or replaces it (official MobileStyleGAN), per --r1-mode."""
+    args = run.args
+    set_requires_grad(run.D, True)
+    run.opt_d.zero_grad(set_to_none=True)
+    r1_step = args.r1 > 0 and step % args.r1_every == 0
+    for k, (real, fake, chunk) in enumerate(pairs):
+        losses = {}
+        with run.sync(run.D_train, k), run.autocast():
+            if not (r1_step and args.r1_mode == "replace"):
+                losses["d"] = msgan.d_logistic_loss(run.D_train(msgan.augment(real, chunk["aug_real"])),
+                                                    run.D_train(msgan.augment(fake, chunk["aug_fake"])))
+            if r1_step:
+                losses["r1"] = msgan.r1_penalty(run.D_train, real) * (args.r1 / 2 * args.r1_every)
+            check_finite(losses, step, run.poison)
+            (sum(losses.values()) / len(pairs)).backward()
+        run.record(losses)
+    if args.grad_clip > 0:
+        nn.utils.clip_grad_norm_(run.D.parameters(), args.grad_clip)
+    run.opt_d.step()
+
+
+def train(args, log=print):
+    """Run (or continue) training to args.steps; returns the Run."""
+    run = Run(args, log)
+    with StopFlag() as stop:
+        while run.step < args.steps:
+            inputs = draw_step(run.task, run.G, args.batch, args)
+            pairs = generator_phase(run, inputs, run.step)
+            discriminator_phase(run, pairs, run.step)
+            run.images_seen += args.batch
+            # EMA half-life of ema_kimg thousand images, ramped up over the first images (as NVIDIA's)
+            half_life = min(args.ema_kimg * 1000, run.images_seen * 0.05)
+            update_ema(run.G_ema, run.G, 0.5 ** (args.batch / max(half_life, 1e-8)))
+            run.step += 1
+            stopping = all_reduce(torch.tensor(float(stop.requested))).item() > 0
+            if run.step % args.log_every == 0 or run.step == args.steps or stopping:
+                run.report()
+            if stopping:
+                run.say(f"stopped at step {run.step}: checkpoint {os.path.join(args.outdir, 'last.pt')}")
+                break
+    return run
+
+
+class Run:
+    """Everything a training run holds: set-up (devices, ranks, networks, optimisers, chunking), the
+    per-step bookkeeping, and the report: log line, grid, validation, checkpoints."""
+
+    def __init__(self, args, log):
+        self.args = args
+        self.rank, self.world, self.device = setup_distributed(args.device)
+        self.is_main = self.rank == 0
+        self.say = log if self.is_main else (lambda *a, **k: None)
+        if args.amp and self.device.type != "cuda":
+            raise TrainError("--amp bf16 needs a CUDA device")
+        if args.batch % self.world:
+            raise TrainError(f"--batch {args.batch} is not divisible by the {self.world} processes")
+        per_rank = args.batch // self.world
+        batch_gpu = args.batch_gpu or per_rank
+        if per_rank % batch_gpu:
+            raise TrainError(f"--batch-gpu {batch_gpu} does not divide the per-process batch {per_rank}")
+        if batch_gpu % min(batch_gpu, msgan.Discriminator.STDDEV_GROUP):
+            raise TrainError(f"--batch-gpu {batch_gpu}: the discriminator needs a multiple of "
+                             f"{msgan.Discriminator.STDDEV_GROUP} samples (or fewer)")
+        self.batch_gpu = batch_gpu
+        # round k of rank r takes samples [(k * world + r) * batch_gpu, ... + batch_gpu) of the global batch
+        self.chunks = [((k * self.world + self.rank) * batch_gpu, (k * self.world + self.rank + 1) * batch_gpu)
+                       for k in range(per_rank // batch_gpu)]
+        self.poison = None
+        if args.debug_nan:
+            term, _, at = args.debug_nan.partition("@")
+            self.poison = (term, int(at))
+        if self.is_main:
+            prepare_outdir(args, resuming=bool(args.resume))
+        torch.manual_seed(args.seed)  # the one stream of training randomness, identical on every rank
+        state = build_state(args, self.device, self.say)
+        self.G, self.G_ema, self.D, self.task = state["G"], state["G_ema"], state["D"], state["task"]
+        self.opt_g, self.opt_d = state["opt_g"], state["opt_d"]
+        self.step, self.images_seen, self.best = state["step"], state["images_seen"], state["best"]
+        self.gen, self.D_train = maybe_compile(GeneratorPass(self.G), args.compile, self.say), self.D
+        if self.world > 1:
+            self.gen = nn.parallel.DistributedDataParallel(self.gen, broadcast_buffers=False)
+            self.D_train = nn.parallel.DistributedDataParallel(self.D, broadcast_buffers=False)
+        self.weights = self.task.weights()
+        self.validator = Validator(self.task, self.G_ema, args, self.rank, self.world, self.device)
+        self.logged, self.last_report = {}, (time.time(), self.images_seen, self.step)
+        self.say(f"{args.mode}: {self.G.img_resolution}x{self.G.img_resolution}, "
+                 f"G {sum(p.numel() for p in self.G.synthesis.parameters()):,} params, "
+                 f"D {sum(p.numel() for p in self.D.parameters()):,}, batch {args.batch} "
+                 f"({self.world} x {len(self.chunks)} x {batch_gpu}), {self.device}, out {args.outdir}")
+
+    def autocast(self):
+        return torch.autocast("cuda", torch.bfloat16) if self.args.amp else contextlib.nullcontext()
+
+    def sync(self, module, k):
+        """DDP gradient all-reduce only on the last accumulation round."""
+        return module.no_sync() if self.world > 1 and k < len(self.chunks) - 1 else contextlib.nullcontext()
+
+    def record(self, losses):
+        for name, value in losses.items():
+            self.logged[name] = self.logged.get(name, 0.0) + value.detach().float().item() / len(self.chunks)
+
+    def report(self):
+        args, step = self.args, self.step
+        start_time, start_images, start_step = self.last_report
+        names = sorted(self.logged)  # every rank has the same terms: the schedule is global
+        means = all_reduce(torch.tensor([self.logged[k] for k in names])) / (self.world * (step - start_step))
+        line = dict(zip(names, means.tolist()))
+        self.logged.clear()
+        elapsed = time.time() - start_time
+        rate = (self.images_seen - start_images) / max(elapsed, 1e-9)
+        if args.mode == "teacher":
+            self.G_ema.compute_w_avg()
+        val = self.validator.run(self.G_ema, self.batch_gpu)
+        improved = self.best is None or (val > self.best if self.validator.higher_is_better else val < self.best)
+        self.best = val if improved else self.best
+        if self.is_main:
+            record = {"step": step, "images": self.images_seen, **line, self.validator.name: val,
+                      "lr": self.opt_g.param_groups[0]["lr"], "img_per_s": rate}
+            with open(os.path.join(args.outdir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            panels = [self.task.teacher, self.G, self.G_ema] if args.mode == "distill" else [self.G, self.G_ema]
+            self.validator.grid(panels, os.path.join(args.outdir, "grids", f"{step:07d}.png"))
+            self.save(os.path.join(args.outdir, "last.pt"))
+            if improved:
+                self.save(os.path.join(args.outdir, "best.pt"))
+            eta = (args.steps - step) * args.batch / max(rate, 1e-9)
+            terms = "  ".join(f"{k} {v:.4g}" for k, v in line.items())
+            self.say(f"step {step}/{args.steps}  {terms}  {self.validator.name} {val:.3f}  "
+                     f"{rate:.1f} img/s  ETA {format_duration(eta)}")
+        if dist.is_initialized():
+            dist.barrier()
+        self.last_report = (time.time(), self.images_seen, step)
+
+    def save(self, path):
+        """The run as a msgan checkpoint: generator = the EMA generator (+ teacher, discriminator), and
+        under "train" what --resume needs."""
+        args = self.args
+        train_state = {
+            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+            "step": self.step, "images_seen": self.images_seen, "best": self.best,
+            "G": self.G.state_dict(), "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        if args.mode == "teacher":
+            train_state["pl_mean"] = self.task.pl_mean.cpu()
+        if torch.cuda.is_available():
+            train_state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        teacher = self.task.teacher if args.mode == "distill" else None
+        msgan.save(path, generator=self.G_ema, teacher=teacher, discriminator=self.D, train=train_state,
+                   source=f"train.py {args.mode}, step {self.step}")
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def main(argv=None):
+    try:
+        args, parser = parse_args(argv)
+        if args.outdir is None:
+            args.outdir = os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+        train(args)
+    except TrainError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    except (msgan.CheckpointError, msgan.DownloadError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ntrain.py: interrupted (the last checkpoint is intact)", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
