@@ -176,30 +176,35 @@ class ModulatedConv2d(nn.Module):
 
 
 class StyledConv(nn.Module):
-    """Modulated conv -> + noise_strength * noise -> bias + lrelu * sqrt(2)."""
+    """Modulated conv -> + noise_strength * noise -> bias + lrelu * sqrt(2) [-> clamp to +-conv_clamp]."""
 
-    def __init__(self, in_ch, out_ch, w_dim, upsample=False):
+    def __init__(self, in_ch, out_ch, w_dim, upsample=False, conv_clamp=None):
         super().__init__()
         self.conv = ModulatedConv2d(in_ch, out_ch, 3, w_dim, upsample=upsample)
         self.noise_strength = nn.Parameter(torch.zeros(1))
         self.bias = nn.Parameter(torch.zeros(out_ch))
+        self.conv_clamp = conv_clamp
 
     def forward(self, x, w, noise):
-        return ops.bias_leaky_relu(_add_noise(self.conv(x, w), self.noise_strength, noise), self.bias)
+        x = _add_noise(self.conv(x, w), self.noise_strength, noise)
+        return ops.bias_leaky_relu(x, self.bias, clamp=self.conv_clamp)
 
 
 class ToRGB(nn.Module):
-    """1x1 modulated conv (no demodulation) to RGB, added to the upsampled RGB skip."""
+    """1x1 modulated conv (no demodulation) to RGB [clamped to +-conv_clamp], added to the upsampled RGB skip."""
 
-    def __init__(self, in_ch, w_dim, upsample_skip=True):
+    def __init__(self, in_ch, w_dim, upsample_skip=True, conv_clamp=None):
         super().__init__()
         self.conv = ModulatedConv2d(in_ch, 3, 1, w_dim, demodulate=False)
         self.bias = nn.Parameter(torch.zeros(3))
+        self.conv_clamp = conv_clamp
         if upsample_skip:
             self.register_buffer("blur_kernel", ops.make_blur_kernel() * 4, persistent=False)
 
     def forward(self, x, w, skip=None):
         rgb = self.conv(x, w) + self.bias[None, :, None, None]
+        if self.conv_clamp is not None:  # NVIDIA clamps each head's own output, not the running image
+            rgb = rgb.clamp(-self.conv_clamp, self.conv_clamp)
         if skip is not None:
             rgb = rgb + ops.upfirdn2d(skip, self.blur_kernel, up=2, pad=(2, 1, 2, 1))
         return rgb
@@ -208,22 +213,23 @@ class ToRGB(nn.Module):
 class StyleGAN2Synthesis(nn.Module, NoiseMixin):
     """StyleGAN2 synthesis: const 4x4 -> (upsampling conv, conv, to_rgb) per resolution -> RGB skips.
 
-    channels: widths at 4, 8, ..., img_resolution.
+    channels: widths at 4, 8, ..., img_resolution. conv_clamp: None (rosinality, official MobileStyleGAN) or
+    NVIDIA's clamp of every styled conv and to-RGB output to +-conv_clamp (StyleGAN2-ADA: 256).
     """
 
-    def __init__(self, w_dim, channels):
+    def __init__(self, w_dim, channels, conv_clamp=None):
         super().__init__()
         self.w_dim, self.channels = w_dim, list(channels)
         self.img_resolution = 4 * 2 ** (len(channels) - 1)
         self.num_ws = num_ws_for(self.img_resolution)
         self.const = nn.Parameter(torch.randn(1, channels[0], 4, 4))
-        self.conv1 = StyledConv(channels[0], channels[0], w_dim)
-        self.to_rgb1 = ToRGB(channels[0], w_dim, upsample_skip=False)
+        self.conv1 = StyledConv(channels[0], channels[0], w_dim, conv_clamp=conv_clamp)
+        self.to_rgb1 = ToRGB(channels[0], w_dim, upsample_skip=False, conv_clamp=conv_clamp)
         self.convs, self.to_rgbs = nn.ModuleList(), nn.ModuleList()
         for c_in, c_out in zip(channels[:-1], channels[1:]):
-            self.convs.append(StyledConv(c_in, c_out, w_dim, upsample=True))
-            self.convs.append(StyledConv(c_out, c_out, w_dim))
-            self.to_rgbs.append(ToRGB(c_out, w_dim))
+            self.convs.append(StyledConv(c_in, c_out, w_dim, upsample=True, conv_clamp=conv_clamp))
+            self.convs.append(StyledConv(c_out, c_out, w_dim, conv_clamp=conv_clamp))
+            self.to_rgbs.append(ToRGB(c_out, w_dim, conv_clamp=conv_clamp))
         self._register_noise([4] + [4 * 2**(i // 2 + 1) for i in range(len(self.convs))])
 
     def forward(self, ws, noise=None, noise_mode="const"):
@@ -398,8 +404,9 @@ def standard_to_official_ws(ws, num_blocks):
 class Generator(nn.Module):
     """z -> w (mapping) -> image (synthesis), with truncation around w_avg.
 
-    config: dict(arch="stylegan2"|"mobilestylegan", z_dim, w_dim, mapping_layers, channels[, folded]);
-    everything needed to rebuild the network, saved with its weights.
+    config: dict(arch="stylegan2"|"mobilestylegan", z_dim, w_dim, mapping_layers, channels[, folded]
+    [, conv_clamp]); everything needed to rebuild the network, saved with its weights. conv_clamp (teacher
+    only, default None) is set for networks imported from NVIDIA pickles.
     """
 
     def __init__(self, config):
@@ -409,7 +416,7 @@ class Generator(nn.Module):
         self.z_dim, self.w_dim = config["z_dim"], config["w_dim"]
         self.mapping = MappingNetwork(self.z_dim, self.w_dim, config["mapping_layers"])
         if arch == "stylegan2":
-            self.synthesis = StyleGAN2Synthesis(self.w_dim, config["channels"])
+            self.synthesis = StyleGAN2Synthesis(self.w_dim, config["channels"], config.get("conv_clamp"))
         elif arch == "mobilestylegan":
             self.synthesis = MobileSynthesis(self.w_dim, config["channels"], folded=config.get("folded", False))
         else:
@@ -422,17 +429,26 @@ class Generator(nn.Module):
     def is_student(self):
         return isinstance(self.synthesis, MobileSynthesis)
 
-    def truncate(self, w, psi):
-        """w_avg + psi * (w - w_avg); an exact no-op for psi == 1. Works on [B, D] and [B, num_ws, D]."""
-        return w if psi == 1 else self.w_avg.lerp(w, psi)
+    def truncate(self, w, psi, cutoff=None):
+        """w_avg + psi * (w - w_avg); an exact no-op for psi == 1. Works on [B, D] and [B, num_ws, D].
+
+        cutoff: truncate only the W+ slots [0, cutoff), the coarse ones (NVIDIA's truncation_cutoff);
+        the result is then always [B, num_ws, D].
+        """
+        if cutoff is None:
+            return w if psi == 1 else self.w_avg.lerp(w, psi)
+        ws = _expand_ws(w, self.num_ws, self.w_dim)
+        if psi == 1:
+            return ws
+        return torch.cat([self.w_avg.lerp(ws[:, :cutoff], psi), ws[:, cutoff:]], dim=1)
 
     @torch.no_grad()
     def compute_w_avg(self, samples=W_AVG_SAMPLES, seed=0):
         z = torch.randn(samples, self.z_dim, generator=torch.Generator().manual_seed(seed))
         self.w_avg.copy_(self.mapping(z.to(self.w_avg.device)).mean(0))
 
-    def forward(self, z, psi=1.0, noise_mode="const", noise=None):
-        return self.synthesis(self.truncate(self.mapping(z), psi), noise=noise, noise_mode=noise_mode)
+    def forward(self, z, psi=1.0, noise_mode="const", noise=None, cutoff=None):
+        return self.synthesis(self.truncate(self.mapping(z), psi, cutoff), noise=noise, noise_mode=noise_mode)
 
     def fold(self):
         """Inference form of a student (demodulation folded into the weights); a teacher is unchanged."""
@@ -458,16 +474,17 @@ class Blur(nn.Module):
 
 
 class FusedLeakyReLU(nn.Module):
-    def __init__(self, ch):
+    def __init__(self, ch, clamp=None):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(ch))
+        self.clamp = clamp
 
     def forward(self, x):
-        return ops.bias_leaky_relu(x, self.bias)
+        return ops.bias_leaky_relu(x, self.bias, clamp=self.clamp)
 
 
-def conv_layer(in_ch, out_ch, kernel_size, downsample=False, activate=True, bias=True):
-    """[Blur] -> EqualConv2d -> [bias + lrelu]; downsampling is blur + stride-2 conv."""
+def conv_layer(in_ch, out_ch, kernel_size, downsample=False, activate=True, bias=True, clamp=None):
+    """[Blur] -> EqualConv2d -> [bias + lrelu [+ clamp]]; downsampling is blur + stride-2 conv."""
     layers = []
     if downsample:  # pads make (H + p0 + p1 - 3 - k) // 2 + 1 = H / 2 for the 4-tap blur
         p = (4 - 2) + (kernel_size - 1)
@@ -475,16 +492,19 @@ def conv_layer(in_ch, out_ch, kernel_size, downsample=False, activate=True, bias
     layers.append(EqualConv2d(in_ch, out_ch, kernel_size, stride=2 if downsample else 1,
                               padding=0 if downsample else kernel_size // 2, bias=bias and not activate))
     if activate:
-        layers.append(FusedLeakyReLU(out_ch))
+        layers.append(FusedLeakyReLU(out_ch, clamp))
     return nn.Sequential(*layers)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch, out_ch):
+    """(conv2(conv1(x)) + skip(x)) / sqrt(2). NVIDIA scales both branches by sqrt(0.5) instead and clamps conv2 at
+    conv_clamp * sqrt(0.5) after that scale: the same as clamping conv2 at conv_clamp here, before the sum."""
+
+    def __init__(self, in_ch, out_ch, conv_clamp=None):
         super().__init__()
-        self.conv1 = conv_layer(in_ch, in_ch, 3)
-        self.conv2 = conv_layer(in_ch, out_ch, 3, downsample=True)
-        self.skip = conv_layer(in_ch, out_ch, 1, downsample=True, activate=False, bias=False)
+        self.conv1 = conv_layer(in_ch, in_ch, 3, clamp=conv_clamp)
+        self.conv2 = conv_layer(in_ch, out_ch, 3, downsample=True, clamp=conv_clamp)
+        self.skip = conv_layer(in_ch, out_ch, 1, downsample=True, activate=False, bias=False)  # never clamped
 
     def forward(self, x):
         return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2)
@@ -494,26 +514,28 @@ class Discriminator(nn.Module):
     """StyleGAN2 residual discriminator: image [B, 3, R, R] -> logits [B, 1].
 
     channels: widths at R, R/2, ..., 4 (rosinality's table by default). Minibatch stddev over groups of
-    min(B, 4) samples, strided like rosinality's view(G, -1, ...): the batch must be divisible by it.
+    min(B, stddev_group) samples, strided like rosinality's view(G, -1, ...): the batch must be divisible by it.
+    conv_clamp: None (rosinality) or NVIDIA's clamp of every activated conv output (StyleGAN2-ADA: 256).
     """
 
-    STDDEV_GROUP = 4
+    STDDEV_GROUP = 4  # rosinality's, and StyleGAN2-ADA's default
 
-    def __init__(self, img_resolution, channels=None):
+    def __init__(self, img_resolution, channels=None, conv_clamp=None, stddev_group=STDDEV_GROUP):
         super().__init__()
         if channels is None:
             channels = default_channels(img_resolution)[::-1]
         self.img_resolution, self.channels = img_resolution, list(channels)
-        self.convs = nn.Sequential(conv_layer(3, channels[0], 1),
-                                   *(ResBlock(i, o) for i, o in zip(channels[:-1], channels[1:])))
+        self.conv_clamp, self.stddev_group = conv_clamp, stddev_group
+        self.convs = nn.Sequential(conv_layer(3, channels[0], 1, clamp=conv_clamp),
+                                   *(ResBlock(i, o, conv_clamp) for i, o in zip(channels[:-1], channels[1:])))
         c4 = channels[-1]
-        self.final_conv = conv_layer(c4 + 1, c4, 3)
+        self.final_conv = conv_layer(c4 + 1, c4, 3, clamp=conv_clamp)
         self.final_linear = nn.Sequential(EqualLinear(c4 * 16, c4, activate=True), EqualLinear(c4, 1))
 
     def minibatch_stddev(self, x):
         """Append one channel: the stddev over each sample's group, averaged over C, H, W."""
         B, C, H, W = x.shape
-        group = min(B, self.STDDEV_GROUP)
+        group = min(B, self.stddev_group)
         if B % group:
             raise ValueError(f"discriminator batch {B} is not divisible by the stddev group {group}")
         y = x.reshape(group, -1, C, H, W)                            # sample j is in group j mod (B/group)
@@ -895,18 +917,21 @@ def pretrained_path(name):
     return path
 
 
-def _discriminator_from_state(state, path):
+def _discriminator_from_state(state, path, file_keys=None, **options):
+    """A rosinality-layout D state dict -> Discriminator(..., **options); channels from the tensor shapes."""
     channels = [_get(state, "convs.0.0.weight", path).shape[0]]
     while f"convs.{len(channels)}.conv2.1.weight" in state:
         channels.append(state[f"convs.{len(channels)}.conv2.1.weight"].shape[0])
-    D = Discriminator(4 * 2 ** (len(channels) - 1), channels)
+    D = Discriminator(4 * 2 ** (len(channels) - 1), channels, **options)
     state = {k: v for k, v in state.items() if not k.endswith(".kernel")}  # fixed blur buffers
-    return _load_into(D, state, path, "discriminator")
+    return _load_into(D, state, path, "discriminator", file_keys)
 
 
 def _build(entry, path, part):
     if part == "discriminator":
-        D = Discriminator(entry["config"]["img_resolution"], entry["config"]["channels"])
+        config = entry["config"]  # files written before conv_clamp / stddev_group existed lack them
+        D = Discriminator(config["img_resolution"], config["channels"], config.get("conv_clamp"),
+                          config.get("stddev_group", Discriminator.STDDEV_GROUP))
         return _load_into(D, entry["state_dict"], path, part)
     return _load_into(Generator(entry["config"]), entry["state_dict"], path, part)
 
@@ -951,7 +976,11 @@ def load(src, device="cpu", part="generator"):
 
 
 def _entry(net):
-    config = net.config if isinstance(net, Generator) else dict(img_resolution=net.img_resolution, channels=net.channels)
+    if isinstance(net, Generator):
+        config = net.config
+    else:
+        config = dict(img_resolution=net.img_resolution, channels=net.channels, conv_clamp=net.conv_clamp,
+                      stddev_group=net.stddev_group)
     return {"config": config, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
 
 
