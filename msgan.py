@@ -16,13 +16,17 @@ the resolutions it has, so one code drives teacher and student. The official Mob
 (3 slots per block) is available with ws_layout="official".
 """
 import argparse
+import collections
 import hashlib
+import io
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from xml.etree import ElementTree
 
@@ -743,6 +747,353 @@ def _from_official(ckpt, path, part):
 
 
 # ----------------------------------------------------------------------------------------------
+# NVIDIA network pickles: network-snapshot-*.pkl of NVlabs/stylegan2-ada-pytorch (and of NVlabs/stylegan3 for
+# its stylegan2 config). Each network in such a file is a call torch_utils.persistence._reconstruct_persistent_obj
+# (meta), and NVIDIA's loader exec()s the module source that meta carries. msgan never runs or compiles it: a
+# restricted unpickler maps the few globals a snapshot needs to inert stand-ins, turns every persistent object
+# into an NvidiaObject record and refuses everything else. G_ema and D are then rebuilt from their tensors, and
+# only if they were pickled with a source that msgan knows computes what msgan implements.
+
+NVIDIA_SOURCES = {  # sha256 of an embedded module source (UTF-8) -> what it is. Recognised, never run.
+    "53b4e1ec457171d4e2c1454d48013765ab626141c35cdd383b020950effe11a5":
+        "NVlabs/stylegan2-ada-pytorch d72cc7d training/networks.py",
+}
+NVIDIA_SOURCES_ENV = "MSGAN_NVIDIA_SOURCES"  # more sha256s to accept, e.g. a fork's networks.py with the same math
+PICKLE_PROTO = b"\x80"  # the first byte of every pickle of protocol 2 or newer
+TORCH_LEGACY_HEAD = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]  # torch.save's pre-zip format
+NUMPY_SCALAR_KINDS = "biuf"  # bool, signed, unsigned, float: the numpy scalars in a snapshot (gains, counters)
+
+
+class NvidiaObject:
+    """A persistent object of an NVIDIA pickle, as plain data.
+
+    class_name: the class NVIDIA's loader would instantiate ("Generator", "SynthesisLayer", ...); module_src: the
+    source text that defines it, an inert string; state: its __dict__. Every persistent object of a snapshot is a
+    torch module, so state holds _parameters and _buffers (name -> tensor), _modules (name -> NvidiaObject) and
+    the attributes its __init__ set (resolution, conv_clamp, architecture, ...).
+    """
+
+    def __init__(self, class_name, module_src, state):
+        self.class_name, self.module_src, self.state = class_name, module_src, state
+
+    def __repr__(self):
+        return f"NvidiaObject({self.class_name!r})"
+
+    def child(self, name):
+        return self.state["_modules"].get(name)
+
+    def attr(self, name, path):
+        if name not in self.state:
+            raise CheckpointError(f"{path}: NVIDIA {self.class_name} has no attribute {name!r}")
+        return self.state[name]
+
+
+def _nvidia_reconstruct(meta):
+    """Stand-in for torch_utils.persistence._reconstruct_persistent_obj: a record, where NVIDIA exec()s meta's source."""
+    if not (isinstance(meta, dict) and meta.get("type") == "class" and isinstance(meta.get("class_name"), str)
+            and isinstance(meta.get("module_src"), str) and isinstance(meta.get("state"), dict)):
+        raise CheckpointError("refused a persistent object that is not NVIDIA's plain class record")
+    state = meta["state"]
+    for field, kind in (("_parameters", torch.Tensor), ("_buffers", torch.Tensor), ("_modules", NvidiaObject)):
+        items = state.get(field)
+        if not (isinstance(items, dict) and all(isinstance(k, str) and (v is None or isinstance(v, kind))
+                                                for k, v in items.items())):
+            raise CheckpointError(f"refused NVIDIA {meta['class_name']}: its {field} is not a dict of {kind.__name__}s")
+    if not isinstance(state.get("_non_persistent_buffers_set", set()), set):
+        raise CheckpointError(f"refused NVIDIA {meta['class_name']}: its _non_persistent_buffers_set is not a set")
+    return NvidiaObject(meta["class_name"], meta["module_src"], state)
+
+
+def _nvidia_storage(blob):
+    """Stand-in for torch.storage._load_from_bytes: blob is torch.save(storage) in torch's legacy format, which
+    NVIDIA reads with torch.load(weights_only=False). Read with torch's weights-only unpickler, as a 1-D tensor."""
+    if not isinstance(blob, bytes):
+        raise CheckpointError("refused a storage that is not a byte string")
+    try:
+        storage = torch.load(io.BytesIO(blob), weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"refused a storage blob that torch's weights-only loader rejects ({type(e).__name__})")
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise CheckpointError(f"refused a storage blob that holds a {type(storage).__name__}, not a storage")
+    with warnings.catch_warnings():  # the legacy format can only give the deprecated TypedStorage
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated")
+        return torch.empty(0, dtype=storage.dtype).set_(storage.untyped())  # [numel]
+
+
+def _nvidia_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """Stand-in for torch._utils._rebuild_tensor_v2: a strided view of the storage (torch checks the bounds)."""
+    if not (isinstance(storage, torch.Tensor) and storage.ndim == 1):
+        raise CheckpointError("refused a tensor that is not built on a storage")
+    return storage.as_strided(size, stride, offset)
+
+
+def _nvidia_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    """Stand-in for torch._utils._rebuild_parameter(_with_state): the tensor itself."""
+    if not isinstance(data, torch.Tensor):
+        raise CheckpointError("refused a parameter that is not a tensor")
+    return data
+
+
+class _NumpyDtype:
+    """Stand-in for numpy.dtype(code, align, copy): keeps the code, and the byte order from numpy's pickled state."""
+
+    def __init__(self, code, align=False, copy=True):
+        self.code, self.byteorder = code, "="
+
+    def __setstate__(self, state):  # numpy's dtype state: (version, byte order, ...)
+        self.byteorder = state[1]
+
+
+def _numpy_scalar(dtype, data):
+    """Stand-in for numpy's multiarray.scalar(dtype, raw bytes): numeric scalars only."""
+    if not (isinstance(dtype, _NumpyDtype) and isinstance(dtype.code, str) and isinstance(data, bytes)):
+        raise CheckpointError("refused a numpy scalar that is not (dtype code, raw bytes)")
+    dt = np.dtype(dtype.code)
+    if dt.kind not in NUMPY_SCALAR_KINDS or dt.itemsize != len(data):
+        raise CheckpointError(f"refused a numpy scalar of dtype {dtype.code!r}: only numbers are allowed")
+    return np.frombuffer(data, dt.newbyteorder(dtype.byteorder))[0]
+
+
+def _codecs_encode(text, encoding):
+    """Stand-in for _codecs.encode, which protocol-2 pickles use for every bytes object: latin-1 text only."""
+    if not (isinstance(text, str) and encoding == "latin1"):
+        raise CheckpointError("refused _codecs.encode other than of latin-1 text")
+    return text.encode("latin1")
+
+
+NVIDIA_PICKLE_GLOBALS = {  # everything a snapshot references, each mapped to something that only builds data
+    "collections.OrderedDict": collections.OrderedDict,
+    "builtins.set": set,                    # protocol 3 spells a set this way (protocol 4 needs no global) ...
+    "__builtin__.set": set,                 # ... and protocol 2 this way
+    "_codecs.encode": _codecs_encode,       # bytes in protocol-2 pickles
+    "dnnlib.util.EasyDict": dict,           # NVIDIA's dict with attribute access: its items are what matters
+    "numpy.dtype": _NumpyDtype,
+    "numpy._core.multiarray.scalar": _numpy_scalar,
+    "numpy.core.multiarray.scalar": _numpy_scalar,  # written by numpy < 2, as in most downloads
+    "torch._utils._rebuild_tensor_v2": _nvidia_tensor,
+    "torch._utils._rebuild_parameter": _nvidia_parameter,
+    "torch._utils._rebuild_parameter_with_state": _nvidia_parameter,
+    "torch.storage._load_from_bytes": _nvidia_storage,
+    "torch_utils.persistence._reconstruct_persistent_obj": _nvidia_reconstruct,
+}
+
+
+class _NvidiaUnpickler(pickle.Unpickler):
+    """Resolves only NVIDIA_PICKLE_GLOBALS, and no persistent ids: it builds data and can call nothing else."""
+
+    def find_class(self, module, name):
+        if f"{module}.{name}" in NVIDIA_PICKLE_GLOBALS:
+            return NVIDIA_PICKLE_GLOBALS[f"{module}.{name}"]
+        if module.startswith("dnnlib.tflib"):
+            raise CheckpointError("a TensorFlow-era StyleGAN pickle (dnnlib.tflib): not supported, msgan reads "
+                                  "PyTorch snapshots (NVIDIA's stylegan2-ada-pytorch legacy.py converts it)")
+        raise CheckpointError(f"refused global {module}.{name}: NVIDIA snapshots need only tensors, numbers and "
+                              "NVIDIA's records, and msgan runs no code from a pickle")
+
+    def persistent_load(self, pid):
+        raise CheckpointError("refused a persistent id: NVIDIA snapshots have none")
+
+
+def read_nvidia_pickle(path):
+    """The contents of an NVIDIA network pickle as plain data, without running any of it.
+
+    Returns the pickled dict (G, D, G_ema, augment_pipe, training_set_kwargs, ...), with an NvidiaObject for each
+    of NVIDIA's persistent objects. Raises CheckpointError for any global outside NVIDIA_PICKLE_GLOBALS.
+    """
+    try:
+        with open(path, "rb") as f:
+            return _NvidiaUnpickler(f).load()
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # truncated or corrupt
+        reason = (str(e).splitlines() or ["empty or truncated file"])[0]
+        raise CheckpointError(f"{path}: not a readable NVIDIA pickle ({type(e).__name__}: {reason})") from None
+
+
+def _is_bare_pickle(path):
+    """A pickle that torch.save did not write (torch writes a zip archive, or its legacy format): NVIDIA's."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(len(TORCH_LEGACY_HEAD))
+    return head.startswith(PICKLE_PROTO) and head != TORCH_LEGACY_HEAD
+
+
+def _nvidia_modules(net, prefix=""):
+    """(key prefix, record) of net and all its submodules, in the order of torch's state_dict()."""
+    yield prefix, net
+    for name, child in net.state["_modules"].items():
+        if child is not None:
+            yield from _nvidia_modules(child, f"{prefix}{name}.")
+
+
+def _nvidia_state_dict(net):
+    """What net.state_dict() would return: each module's parameters, then its persistent buffers."""
+    state = {}
+    for prefix, module in _nvidia_modules(net):
+        transient = module.state.get("_non_persistent_buffers_set", set())
+        state.update((prefix + k, v) for k, v in module.state["_parameters"].items() if v is not None)
+        state.update((prefix + k, v) for k, v in module.state["_buffers"].items() if v is not None and k not in transient)
+    return state
+
+
+def _check_nvidia_source(net, path, what):
+    """msgan never runs the embedded source, so it rebuilds only networks pickled with a source it knows: a
+    modified one (a fork, or a tampered file) may compute something else."""
+    known = set(NVIDIA_SOURCES) | set(os.environ.get(NVIDIA_SOURCES_ENV, "").replace(",", " ").split())
+    for source in {module.module_src for _, module in _nvidia_modules(net)}:
+        digest = _sha256(source.encode("utf-8", "surrogatepass"))
+        if digest not in known:
+            raise CheckpointError(f"{path}: {what} was pickled with a source (sha256 {digest}) that is not a known "
+                                  f"NVIDIA release; msgan never runs it, and rebuilds only code it knows (to accept "
+                                  f"this one, add its sha256 to ${NVIDIA_SOURCES_ENV})")
+
+
+def _nvidia_conv_clamp(net, class_names, path, what, skip=()):
+    """The one conv_clamp of the layers of the given classes (None: no clamp), as a plain float."""
+    clamps = {module.attr("conv_clamp", path) for prefix, module in _nvidia_modules(net)
+              if module.class_name in class_names and not prefix.endswith(skip)}
+    if len(clamps) != 1:
+        raise CheckpointError(f"{path}: {what}: layers with different conv_clamp ({sorted(map(str, clamps))}): "
+                              "not supported")
+    (clamp,) = clamps
+    return None if clamp is None else float(clamp)
+
+
+def _drop_resample_filters(state, path, what):
+    """NVIDIA stores its FIR filter in every module that resamples; msgan builds [1, 3, 3, 1] itself: check it."""
+    expected = ops.make_blur_kernel()
+    for key in [k for k in state if k.endswith("resample_filter")]:
+        f = state.pop(key)
+        if f.shape != expected.shape or not torch.allclose(f, expected):
+            raise CheckpointError(f"{path}: {what}: {key} is not the [1, 3, 3, 1] filter msgan implements")
+
+
+def _nvidia_block_index(resolution):
+    """Block b<r> of NVIDIA's synthesis (r >= 8) is msgan's to_rgbs[k], convs[2k] and convs[2k+1]."""
+    return int(math.log2(int(resolution))) - 3
+
+
+# NVIDIA G_ema key -> msgan key, applied in order
+NVIDIA_GENERATOR_RULES = [
+    (r"mapping\.fc(\d+)\.(weight|bias)", r"mapping.layers.\1.\2"),
+    (r"mapping\.w_avg", "w_avg"),
+    (r"synthesis\.b4\.const", "synthesis.const"),
+    (r"synthesis\.b4\.conv1\.(.*)", r"synthesis.conv1.\1"),
+    (r"synthesis\.b4\.torgb\.(.*)", r"synthesis.to_rgb1.\1"),
+    (r"synthesis\.b(\d+)\.conv([01])\.(.*)", lambda m: f"synthesis.convs.{2 * _nvidia_block_index(m[1]) + int(m[2])}.{m[3]}"),
+    (r"synthesis\.b(\d+)\.torgb\.(.*)", lambda m: f"synthesis.to_rgbs.{_nvidia_block_index(m[1])}.{m[2]}"),
+    (r"(.*)\.affine\.(weight|bias)", r"\1.conv.modulation.\2"),  # the style FC of each layer
+    (r"(synthesis\.(?:conv1|convs\.\d+|to_rgb1|to_rgbs\.\d+))\.weight", r"\1.conv.weight"),
+    (r"synthesis\.conv1\.noise_const", "synthesis.noise_const.0"),  # noise buffers, numbered in forward order
+    (r"synthesis\.convs\.(\d+)\.noise_const", lambda m: f"synthesis.noise_const.{int(m[1]) + 1}"),
+]
+
+
+def _unsqueeze_nvidia_layouts(state):
+    """NVIDIA's const [C, 4, 4], noise_const [r, r] and 0-dim noise_strength -> [1, C, 4, 4], [1, 1, r, r], [1]."""
+    for key, value in state.items():
+        if key == "synthesis.const":
+            state[key] = value[None]
+        elif key.startswith("synthesis.noise_const."):
+            state[key] = value[None, None]
+        elif key.endswith("noise_strength"):
+            state[key] = value.flatten()
+    return state
+
+
+def _nvidia_generator(G, path):
+    synthesis, mapping = G.child("synthesis"), G.child("mapping")
+    if synthesis is None or mapping is None:
+        raise CheckpointError(f"{path}: G_ema: an NVIDIA {G.class_name} without mapping and synthesis networks")
+    if synthesis.child("input") is not None:  # StyleGAN3's Fourier-feature input layer
+        raise CheckpointError(f"{path}: G_ema is a StyleGAN3 (alias-free, config -t/-r) generator: not supported, "
+                              "msgan's teacher is StyleGAN2")
+    if G.attr("c_dim", path):
+        raise CheckpointError(f"{path}: G_ema is a conditional generator (c_dim = {G.attr('c_dim', path)}): not "
+                              "supported, msgan's networks take no class labels")
+    architectures = sorted({str(block.attr("architecture", path)) for _, block in _nvidia_modules(synthesis)
+                            if block.class_name == "SynthesisBlock"})
+    if architectures != ["skip"]:
+        raise CheckpointError(f"{path}: G_ema has the {'/'.join(architectures)!r} architecture: not supported, "
+                              "msgan's teacher is StyleGAN2's 'skip' generator (NVIDIA's default)")
+    _check_nvidia_source(G, path, "G_ema")
+    conv_clamp = _nvidia_conv_clamp(synthesis, ("SynthesisLayer", "ToRGBLayer"), path, "G_ema")
+
+    state = _nvidia_state_dict(G)
+    _drop_resample_filters(state, path, "G_ema")
+    file_keys = {}
+    state = _unsqueeze_nvidia_layouts(_rename(state, NVIDIA_GENERATOR_RULES, file_keys))
+    config = dict(arch="stylegan2", **_mapping_config(state, "mapping.layers.", 0, path), conv_clamp=conv_clamp)
+    for i in range(config["mapping_layers"]):  # stored weights are N(0, 1) / lr: bring them to msgan's lr
+        lr = float(mapping.child(f"fc{i}").attr("bias_gain", path))  # NVIDIA's bias_gain is the lr multiplier
+        if lr != MAPPING_LR_MUL:
+            for name in ("weight", "bias"):
+                state[f"mapping.layers.{i}.{name}"] = state[f"mapping.layers.{i}.{name}"] * (lr / MAPPING_LR_MUL)
+    config["channels"] = [_get(state, "synthesis.conv1.conv.weight", path).shape[0]]
+    while f"synthesis.convs.{2 * len(config['channels']) - 1}.conv.weight" in state:  # the 2nd conv of each block
+        config["channels"].append(state[f"synthesis.convs.{2 * len(config['channels']) - 1}.conv.weight"].shape[0])
+    return _load_into(Generator(config), state, path, "G_ema", file_keys)
+
+
+def _nvidia_discriminator_rules(img_resolution):
+    """NVIDIA D key -> msgan (rosinality) key. b<R>.fromrgb is convs.0, block b<r> is convs.<log2(R/r) + 1>, the
+    epilogue b4 is final_conv and final_linear."""
+    def block(m):
+        return int(math.log2(img_resolution // int(m[1]))) + 1
+    return [
+        (r"b\d+\.fromrgb\.weight", "convs.0.0.weight"),
+        (r"b\d+\.fromrgb\.bias", "convs.0.1.bias"),
+        (r"b(\d+)\.conv0\.weight", lambda m: f"convs.{block(m)}.conv1.0.weight"),
+        (r"b(\d+)\.conv0\.bias", lambda m: f"convs.{block(m)}.conv1.1.bias"),
+        (r"b(\d+)\.conv1\.weight", lambda m: f"convs.{block(m)}.conv2.1.weight"),  # conv2.0 is the blur
+        (r"b(\d+)\.conv1\.bias", lambda m: f"convs.{block(m)}.conv2.2.bias"),
+        (r"b(\d+)\.skip\.weight", lambda m: f"convs.{block(m)}.skip.1.weight"),
+        (r"b4\.conv\.weight", "final_conv.0.weight"),
+        (r"b4\.conv\.bias", "final_conv.1.bias"),
+        (r"b4\.fc\.(weight|bias)", r"final_linear.0.\1"),
+        (r"b4\.out\.(weight|bias)", r"final_linear.1.\1"),
+    ]
+
+
+def _nvidia_discriminator(D, path):
+    if D.attr("c_dim", path):
+        raise CheckpointError(f"{path}: D is a conditional discriminator (c_dim = {D.attr('c_dim', path)}): not "
+                              "supported, msgan's networks take no class labels")
+    epilogue = D.child("b4")
+    if epilogue is None:
+        raise CheckpointError(f"{path}: D: an NVIDIA {D.class_name} without the 4x4 epilogue b4")
+    architectures = sorted({str(block.attr("architecture", path)) for _, block in _nvidia_modules(D)
+                            if block.class_name in ("DiscriminatorBlock", "DiscriminatorEpilogue")})
+    if architectures != ["resnet"]:
+        raise CheckpointError(f"{path}: D has the {'/'.join(architectures)!r} architecture: not supported, "
+                              "msgan's discriminator is StyleGAN2's 'resnet' (NVIDIA's default)")
+    mbstd = epilogue.child("mbstd")
+    if mbstd is None or mbstd.attr("num_channels", path) != 1 or not isinstance(mbstd.attr("group_size", path), int):
+        raise CheckpointError(f"{path}: D: only a minibatch-stddev layer with 1 channel and a fixed group size is "
+                              "supported")
+    _check_nvidia_source(D, path, "D")
+    conv_clamp = _nvidia_conv_clamp(D, ("Conv2dLayer",), path, "D", skip="skip.")  # the skip convs are never clamped
+
+    state = _nvidia_state_dict(D)
+    _drop_resample_filters(state, path, "D")
+    img_resolution = max(int(m[1]) for m in map(re.compile(r"b(\d+)\.").match, state) if m)
+    file_keys = {}
+    state = _rename(state, _nvidia_discriminator_rules(img_resolution), file_keys)
+    return _discriminator_from_state(state, path, file_keys, conv_clamp=conv_clamp,
+                                     stddev_group=mbstd.attr("group_size", path))
+
+
+def _from_nvidia(snapshot, path, part):
+    """G_ema (the generator people sample; G is the raw training copy) or D of an NVIDIA snapshot."""
+    name = "D" if part == "discriminator" else "G_ema"
+    net = snapshot.get(name) if isinstance(snapshot, dict) else None
+    if not isinstance(net, NvidiaObject):
+        raise CheckpointError(f"{path}: not an NVIDIA network snapshot (it holds no {name} network)")
+    return _nvidia_discriminator(net, path) if name == "D" else _nvidia_generator(net, path)
+
+
+# ----------------------------------------------------------------------------------------------
 # Pretrained models. "ffhq" is the official MobileStyleGAN FFHQ-1024, which its author ships as OpenVINO
 # IR inside the PyPI wheel random-face (Apache-2.0). It is fetched with pip, checked by sha256, and
 # imported once into msgan's format in weights/; OpenVINO itself is never needed.
@@ -940,14 +1291,18 @@ def load(src, device="cpu", part="generator"):
     """Load a network from a checkpoint file.
 
     src: a pretrained model name (see PRETRAINED: "ffhq"), or the path to a msgan,
-    rosinality/stylegan2-pytorch or official MobileStyleGAN checkpoint.
-    part: "generator" (the student of an official checkpoint, else the stored generator), "teacher"
-    (the StyleGAN2 teacher of an official or msgan checkpoint) or "discriminator".
+    rosinality/stylegan2-pytorch or official MobileStyleGAN checkpoint, or to an NVIDIA StyleGAN2-ADA network
+    pickle (read without running any of it, see read_nvidia_pickle).
+    part: "generator" (the student of an official checkpoint, G_ema of an NVIDIA pickle, else the stored
+    generator), "teacher" (the StyleGAN2 teacher of an official or msgan checkpoint; the generator of a
+    rosinality checkpoint or NVIDIA pickle) or "discriminator".
     Returns the module in eval mode on `device`. Raises CheckpointError with a one-line reason.
     """
     if part not in ("generator", "teacher", "discriminator"):
         raise ValueError(f"part must be 'generator', 'teacher' or 'discriminator', got {part!r}")
     path = pretrained_path(src) if src in PRETRAINED else os.fspath(src)
+    if _is_bare_pickle(path):
+        return _from_nvidia(read_nvidia_pickle(path), path, part).to(device).eval()
     ckpt = _read(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: unknown checkpoint format (a {type(ckpt).__name__}, not a dict)")
