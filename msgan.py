@@ -779,6 +779,9 @@ class NvidiaObject:
     def __repr__(self):
         return f"NvidiaObject({self.class_name!r})"
 
+    def __setstate__(self, state):  # a pickle can BUILD onto any object it made: never onto a record
+        raise CheckpointError(f"refused a pickle that rewrites NVIDIA {self.class_name} after making it")
+
     def child(self, name):
         return self.state["_modules"].get(name)
 
@@ -789,19 +792,11 @@ class NvidiaObject:
 
 
 def _nvidia_reconstruct(meta):
-    """Stand-in for torch_utils.persistence._reconstruct_persistent_obj: a record, where NVIDIA exec()s meta's source."""
+    """Stand-in for torch_utils.persistence._reconstruct_persistent_obj: a record where NVIDIA exec()s the source."""
     if not (isinstance(meta, dict) and meta.get("type") == "class" and isinstance(meta.get("class_name"), str)
             and isinstance(meta.get("module_src"), str) and isinstance(meta.get("state"), dict)):
         raise CheckpointError("refused a persistent object that is not NVIDIA's plain class record")
-    state = meta["state"]
-    for field, kind in (("_parameters", torch.Tensor), ("_buffers", torch.Tensor), ("_modules", NvidiaObject)):
-        items = state.get(field)
-        if not (isinstance(items, dict) and all(isinstance(k, str) and (v is None or isinstance(v, kind))
-                                                for k, v in items.items())):
-            raise CheckpointError(f"refused NVIDIA {meta['class_name']}: its {field} is not a dict of {kind.__name__}s")
-    if not isinstance(state.get("_non_persistent_buffers_set", set()), set):
-        raise CheckpointError(f"refused NVIDIA {meta['class_name']}: its _non_persistent_buffers_set is not a set")
-    return NvidiaObject(meta["class_name"], meta["module_src"], state)
+    return NvidiaObject(meta["class_name"], meta["module_src"], meta["state"])
 
 
 def _nvidia_storage(blob):
@@ -919,21 +914,30 @@ def _is_bare_pickle(path):
     return head.startswith(PICKLE_PROTO) and head != TORCH_LEGACY_HEAD
 
 
-def _nvidia_modules(net, prefix=""):
-    """(key prefix, record) of net and all its submodules, in the order of torch's state_dict()."""
+def _nvidia_modules(net, path, prefix="", ancestors=()):
+    """(key prefix, record) of net and all its submodules, in the order of torch's state_dict(), each checked to
+    be a torch module's state (a pickle can still edit a dict after a record was made from it)."""
+    for field, kind in (("_parameters", torch.Tensor), ("_buffers", torch.Tensor), ("_modules", NvidiaObject)):
+        items = net.state.get(field)
+        if not (isinstance(items, dict) and all(isinstance(k, str) and (v is None or isinstance(v, kind))
+                                                for k, v in items.items())):
+            raise CheckpointError(f"{path}: NVIDIA {net.class_name} {prefix!r}: {field} is not a dict of "
+                                  f"{kind.__name__}s")
+    if not isinstance(net.state.get("_non_persistent_buffers_set", set()), set) or net in ancestors:
+        raise CheckpointError(f"{path}: NVIDIA {net.class_name} {prefix!r} is not a torch module's state")
     yield prefix, net
     for name, child in net.state["_modules"].items():
         if child is not None:
-            yield from _nvidia_modules(child, f"{prefix}{name}.")
+            yield from _nvidia_modules(child, path, f"{prefix}{name}.", (*ancestors, net))
 
 
-def _nvidia_state_dict(net):
+def _nvidia_state_dict(net, path):
     """What net.state_dict() would return: each module's parameters, then its persistent buffers."""
     state = {}
-    for prefix, module in _nvidia_modules(net):
+    for prefix, module in _nvidia_modules(net, path):
         transient = module.state.get("_non_persistent_buffers_set", set())
-        state.update((prefix + k, v) for k, v in module.state["_parameters"].items() if v is not None)
-        state.update((prefix + k, v) for k, v in module.state["_buffers"].items() if v is not None and k not in transient)
+        buffers = {k: v for k, v in module.state["_buffers"].items() if k not in transient}
+        state.update((prefix + k, v) for k, v in {**module.state["_parameters"], **buffers}.items() if v is not None)
     return state
 
 
@@ -941,7 +945,7 @@ def _check_nvidia_source(net, path, what):
     """msgan never runs the embedded source, so it rebuilds only networks pickled with a source it knows: a
     modified one (a fork, or a tampered file) may compute something else."""
     known = set(NVIDIA_SOURCES) | set(os.environ.get(NVIDIA_SOURCES_ENV, "").replace(",", " ").split())
-    for source in {module.module_src for _, module in _nvidia_modules(net)}:
+    for source in {module.module_src for _, module in _nvidia_modules(net, path)}:
         digest = _sha256(source.encode("utf-8", "surrogatepass"))
         if digest not in known:
             raise CheckpointError(f"{path}: {what} was pickled with a source (sha256 {digest}) that is not a known "
@@ -951,7 +955,7 @@ def _check_nvidia_source(net, path, what):
 
 def _nvidia_conv_clamp(net, class_names, path, what, skip=()):
     """The one conv_clamp of the layers of the given classes (None: no clamp), as a plain float."""
-    clamps = {module.attr("conv_clamp", path) for prefix, module in _nvidia_modules(net)
+    clamps = {module.attr("conv_clamp", path) for prefix, module in _nvidia_modules(net, path)
               if module.class_name in class_names and not prefix.endswith(skip)}
     if len(clamps) != 1:
         raise CheckpointError(f"{path}: {what}: layers with different conv_clamp ({sorted(map(str, clamps))}): "
@@ -981,7 +985,8 @@ NVIDIA_GENERATOR_RULES = [
     (r"synthesis\.b4\.const", "synthesis.const"),
     (r"synthesis\.b4\.conv1\.(.*)", r"synthesis.conv1.\1"),
     (r"synthesis\.b4\.torgb\.(.*)", r"synthesis.to_rgb1.\1"),
-    (r"synthesis\.b(\d+)\.conv([01])\.(.*)", lambda m: f"synthesis.convs.{2 * _nvidia_block_index(m[1]) + int(m[2])}.{m[3]}"),
+    (r"synthesis\.b(\d+)\.conv([01])\.(.*)",
+     lambda m: f"synthesis.convs.{2 * _nvidia_block_index(m[1]) + int(m[2])}.{m[3]}"),
     (r"synthesis\.b(\d+)\.torgb\.(.*)", lambda m: f"synthesis.to_rgbs.{_nvidia_block_index(m[1])}.{m[2]}"),
     (r"(.*)\.affine\.(weight|bias)", r"\1.conv.modulation.\2"),  # the style FC of each layer
     (r"(synthesis\.(?:conv1|convs\.\d+|to_rgb1|to_rgbs\.\d+))\.weight", r"\1.conv.weight"),
@@ -1012,7 +1017,7 @@ def _nvidia_generator(G, path):
     if G.attr("c_dim", path):
         raise CheckpointError(f"{path}: G_ema is a conditional generator (c_dim = {G.attr('c_dim', path)}): not "
                               "supported, msgan's networks take no class labels")
-    architectures = sorted({str(block.attr("architecture", path)) for _, block in _nvidia_modules(synthesis)
+    architectures = sorted({str(block.attr("architecture", path)) for _, block in _nvidia_modules(G, path)
                             if block.class_name == "SynthesisBlock"})
     if architectures != ["skip"]:
         raise CheckpointError(f"{path}: G_ema has the {'/'.join(architectures)!r} architecture: not supported, "
@@ -1020,7 +1025,7 @@ def _nvidia_generator(G, path):
     _check_nvidia_source(G, path, "G_ema")
     conv_clamp = _nvidia_conv_clamp(synthesis, ("SynthesisLayer", "ToRGBLayer"), path, "G_ema")
 
-    state = _nvidia_state_dict(G)
+    state = _nvidia_state_dict(G, path)
     _drop_resample_filters(state, path, "G_ema")
     file_keys = {}
     state = _unsqueeze_nvidia_layouts(_rename(state, NVIDIA_GENERATOR_RULES, file_keys))
@@ -1063,7 +1068,7 @@ def _nvidia_discriminator(D, path):
     epilogue = D.child("b4")
     if epilogue is None:
         raise CheckpointError(f"{path}: D: an NVIDIA {D.class_name} without the 4x4 epilogue b4")
-    architectures = sorted({str(block.attr("architecture", path)) for _, block in _nvidia_modules(D)
+    architectures = sorted({str(block.attr("architecture", path)) for _, block in _nvidia_modules(D, path)
                             if block.class_name in ("DiscriminatorBlock", "DiscriminatorEpilogue")})
     if architectures != ["resnet"]:
         raise CheckpointError(f"{path}: D has the {'/'.join(architectures)!r} architecture: not supported, "
@@ -1075,9 +1080,9 @@ def _nvidia_discriminator(D, path):
     _check_nvidia_source(D, path, "D")
     conv_clamp = _nvidia_conv_clamp(D, ("Conv2dLayer",), path, "D", skip="skip.")  # the skip convs are never clamped
 
-    state = _nvidia_state_dict(D)
+    state = _nvidia_state_dict(D, path)
     _drop_resample_filters(state, path, "D")
-    img_resolution = max(int(m[1]) for m in map(re.compile(r"b(\d+)\.").match, state) if m)
+    img_resolution = max(int(key.split(".")[0][1:]) for key in state)  # keys b<R>.*, ..., b8.*, b4.*
     file_keys = {}
     state = _rename(state, _nvidia_discriminator_rules(img_resolution), file_keys)
     return _discriminator_from_state(state, path, file_keys, conv_clamp=conv_clamp,
@@ -1090,6 +1095,7 @@ def _from_nvidia(snapshot, path, part):
     net = snapshot.get(name) if isinstance(snapshot, dict) else None
     if not isinstance(net, NvidiaObject):
         raise CheckpointError(f"{path}: not an NVIDIA network snapshot (it holds no {name} network)")
+    list(_nvidia_modules(net, path))  # checks the whole tree before anything reads it
     return _nvidia_discriminator(net, path) if name == "D" else _nvidia_generator(net, path)
 
 

@@ -1463,6 +1463,13 @@ def test_persistent_ids_are_refused(tmp_path):
         msgan.load(path)
 
 
+def test_truncated_nvidia_pickle_is_one_clear_error(tmp_path):
+    path = tmp_path / "network-snapshot.pkl"
+    path.write_bytes(NV_PKL.read_bytes()[:1_000_000])
+    with pytest.raises(msgan.CheckpointError, match=rf"^{re.escape(str(path))}: not a readable NVIDIA pickle"):
+        msgan.load(path)
+
+
 def test_tampered_embedded_source_is_refused_and_never_run(nvidia_pickler, tmp_path, monkeypatch):
     """NVIDIA's loader exec()s the source each network carries; here it would create the marker."""
     marker = tmp_path / "ran"
@@ -1474,7 +1481,7 @@ def test_tampered_embedded_source_is_refused_and_never_run(nvidia_pickler, tmp_p
     path = nvidia_pickler(snapshot, tmp_path / "tampered.pkl")
     digest = hashlib.sha256((payload + networks_py).encode()).hexdigest()
     for part, name in (("generator", "G_ema"), ("discriminator", "D")):
-        with pytest.raises(msgan.CheckpointError, match=f"{name} was pickled with a source .* not a known NVIDIA release"):
+        with pytest.raises(msgan.CheckpointError, match=f"{name} was pickled with a source .* not a known NVIDIA"):
             msgan.load(path, part=part)
     assert not marker.exists()
     monkeypatch.setenv(msgan.NVIDIA_SOURCES_ENV, digest)  # a user who accepts that source: still nothing runs
