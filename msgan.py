@@ -1,7 +1,7 @@
 """msgan: MobileStyleGAN and its StyleGAN2 teacher in one readable file.
 
     import msgan
-    G = msgan.load("path/to/checkpoint.pt")          # rosinality, official MobileStyleGAN or msgan file
+    G = msgan.load("path/to/checkpoint.pt")          # msgan, rosinality, official MobileStyleGAN file or NVIDIA pickle
     img = G(torch.randn(4, G.z_dim), psi=0.7)        # [4, 3, R, R], about [-1, 1]
 
 Contents, top to bottom: building blocks; the mapping network; the StyleGAN2 synthesis network (the

@@ -1492,6 +1492,21 @@ def test_tampered_embedded_source_is_refused_and_never_run(nvidia_pickler, tmp_p
     assert marker.exists()
 
 
+@torch.no_grad()
+def test_nvidia_mapping_learning_rate_is_read_from_the_pickle(nvidia_pickler, tmp_path, nv):
+    """NVIDIA stores mapping weights as N(0, 1) / lr: the same network trained with lr 0.1 stores them 10x smaller."""
+    snapshot, lr = msgan.read_nvidia_pickle(NV_PKL), 0.1
+    for record in nvidia_records(snapshot["G_ema"].child("mapping")):
+        if record.class_name == "FullyConnectedLayer":
+            old_lr = record.state["bias_gain"]
+            record.state["weight_gain"] *= lr / old_lr
+            record.state["bias_gain"] = lr
+            for name, value in record.state["_parameters"].items():
+                record.state["_parameters"][name] = value * (old_lr / lr)
+    G = msgan.load(nvidia_pickler(snapshot, tmp_path / "lr.pkl"))
+    assert_max_abs(G.mapping(nv["inputs"]["z"]), nv["mapping"]["psi1"][:, 0], NV_MAPPING_TOL)
+
+
 def set_block_architecture(architecture):
     def edit(snapshot):
         for record in nvidia_records(snapshot["G_ema"]):
