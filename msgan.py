@@ -1,7 +1,7 @@
 """msgan: MobileStyleGAN and its StyleGAN2 teacher in one readable file.
 
     import msgan
-    G = msgan.load("path/to/checkpoint.pt")          # rosinality, official MobileStyleGAN or msgan file
+    G = msgan.load("path/to/checkpoint.pt")          # msgan, rosinality, official MobileStyleGAN file or NVIDIA pickle
     img = G(torch.randn(4, G.z_dim), psi=0.7)        # [4, 3, R, R], about [-1, 1]
 
 Contents, top to bottom: building blocks; the mapping network; the StyleGAN2 synthesis network (the
@@ -16,13 +16,17 @@ the resolutions it has, so one code drives teacher and student. The official Mob
 (3 slots per block) is available with ws_layout="official".
 """
 import argparse
+import collections
 import hashlib
+import io
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from xml.etree import ElementTree
 
@@ -176,30 +180,35 @@ class ModulatedConv2d(nn.Module):
 
 
 class StyledConv(nn.Module):
-    """Modulated conv -> + noise_strength * noise -> bias + lrelu * sqrt(2)."""
+    """Modulated conv -> + noise_strength * noise -> bias + lrelu * sqrt(2) [-> clamp to +-conv_clamp]."""
 
-    def __init__(self, in_ch, out_ch, w_dim, upsample=False):
+    def __init__(self, in_ch, out_ch, w_dim, upsample=False, conv_clamp=None):
         super().__init__()
         self.conv = ModulatedConv2d(in_ch, out_ch, 3, w_dim, upsample=upsample)
         self.noise_strength = nn.Parameter(torch.zeros(1))
         self.bias = nn.Parameter(torch.zeros(out_ch))
+        self.conv_clamp = conv_clamp
 
     def forward(self, x, w, noise):
-        return ops.bias_leaky_relu(_add_noise(self.conv(x, w), self.noise_strength, noise), self.bias)
+        x = _add_noise(self.conv(x, w), self.noise_strength, noise)
+        return ops.bias_leaky_relu(x, self.bias, clamp=self.conv_clamp)
 
 
 class ToRGB(nn.Module):
-    """1x1 modulated conv (no demodulation) to RGB, added to the upsampled RGB skip."""
+    """1x1 modulated conv (no demodulation) to RGB [clamped to +-conv_clamp], added to the upsampled RGB skip."""
 
-    def __init__(self, in_ch, w_dim, upsample_skip=True):
+    def __init__(self, in_ch, w_dim, upsample_skip=True, conv_clamp=None):
         super().__init__()
         self.conv = ModulatedConv2d(in_ch, 3, 1, w_dim, demodulate=False)
         self.bias = nn.Parameter(torch.zeros(3))
+        self.conv_clamp = conv_clamp
         if upsample_skip:
             self.register_buffer("blur_kernel", ops.make_blur_kernel() * 4, persistent=False)
 
     def forward(self, x, w, skip=None):
         rgb = self.conv(x, w) + self.bias[None, :, None, None]
+        if self.conv_clamp is not None:  # NVIDIA clamps each head's own output, not the running image
+            rgb = rgb.clamp(-self.conv_clamp, self.conv_clamp)
         if skip is not None:
             rgb = rgb + ops.upfirdn2d(skip, self.blur_kernel, up=2, pad=(2, 1, 2, 1))
         return rgb
@@ -208,22 +217,23 @@ class ToRGB(nn.Module):
 class StyleGAN2Synthesis(nn.Module, NoiseMixin):
     """StyleGAN2 synthesis: const 4x4 -> (upsampling conv, conv, to_rgb) per resolution -> RGB skips.
 
-    channels: widths at 4, 8, ..., img_resolution.
+    channels: widths at 4, 8, ..., img_resolution. conv_clamp: None (rosinality, official MobileStyleGAN) or
+    NVIDIA's clamp of every styled conv and to-RGB output to +-conv_clamp (StyleGAN2-ADA: 256).
     """
 
-    def __init__(self, w_dim, channels):
+    def __init__(self, w_dim, channels, conv_clamp=None):
         super().__init__()
         self.w_dim, self.channels = w_dim, list(channels)
         self.img_resolution = 4 * 2 ** (len(channels) - 1)
         self.num_ws = num_ws_for(self.img_resolution)
         self.const = nn.Parameter(torch.randn(1, channels[0], 4, 4))
-        self.conv1 = StyledConv(channels[0], channels[0], w_dim)
-        self.to_rgb1 = ToRGB(channels[0], w_dim, upsample_skip=False)
+        self.conv1 = StyledConv(channels[0], channels[0], w_dim, conv_clamp=conv_clamp)
+        self.to_rgb1 = ToRGB(channels[0], w_dim, upsample_skip=False, conv_clamp=conv_clamp)
         self.convs, self.to_rgbs = nn.ModuleList(), nn.ModuleList()
         for c_in, c_out in zip(channels[:-1], channels[1:]):
-            self.convs.append(StyledConv(c_in, c_out, w_dim, upsample=True))
-            self.convs.append(StyledConv(c_out, c_out, w_dim))
-            self.to_rgbs.append(ToRGB(c_out, w_dim))
+            self.convs.append(StyledConv(c_in, c_out, w_dim, upsample=True, conv_clamp=conv_clamp))
+            self.convs.append(StyledConv(c_out, c_out, w_dim, conv_clamp=conv_clamp))
+            self.to_rgbs.append(ToRGB(c_out, w_dim, conv_clamp=conv_clamp))
         self._register_noise([4] + [4 * 2**(i // 2 + 1) for i in range(len(self.convs))])
 
     def forward(self, ws, noise=None, noise_mode="const"):
@@ -398,8 +408,9 @@ def standard_to_official_ws(ws, num_blocks):
 class Generator(nn.Module):
     """z -> w (mapping) -> image (synthesis), with truncation around w_avg.
 
-    config: dict(arch="stylegan2"|"mobilestylegan", z_dim, w_dim, mapping_layers, channels[, folded]);
-    everything needed to rebuild the network, saved with its weights.
+    config: dict(arch="stylegan2"|"mobilestylegan", z_dim, w_dim, mapping_layers, channels[, folded]
+    [, conv_clamp]); everything needed to rebuild the network, saved with its weights. conv_clamp (teacher
+    only, default None) is set for networks imported from NVIDIA pickles.
     """
 
     def __init__(self, config):
@@ -409,7 +420,7 @@ class Generator(nn.Module):
         self.z_dim, self.w_dim = config["z_dim"], config["w_dim"]
         self.mapping = MappingNetwork(self.z_dim, self.w_dim, config["mapping_layers"])
         if arch == "stylegan2":
-            self.synthesis = StyleGAN2Synthesis(self.w_dim, config["channels"])
+            self.synthesis = StyleGAN2Synthesis(self.w_dim, config["channels"], config.get("conv_clamp"))
         elif arch == "mobilestylegan":
             self.synthesis = MobileSynthesis(self.w_dim, config["channels"], folded=config.get("folded", False))
         else:
@@ -422,17 +433,26 @@ class Generator(nn.Module):
     def is_student(self):
         return isinstance(self.synthesis, MobileSynthesis)
 
-    def truncate(self, w, psi):
-        """w_avg + psi * (w - w_avg); an exact no-op for psi == 1. Works on [B, D] and [B, num_ws, D]."""
-        return w if psi == 1 else self.w_avg.lerp(w, psi)
+    def truncate(self, w, psi, cutoff=None):
+        """w_avg + psi * (w - w_avg); an exact no-op for psi == 1. Works on [B, D] and [B, num_ws, D].
+
+        cutoff: truncate only the W+ slots [0, cutoff), the coarse ones (NVIDIA's truncation_cutoff);
+        the result is then always [B, num_ws, D].
+        """
+        if cutoff is None:
+            return w if psi == 1 else self.w_avg.lerp(w, psi)
+        ws = _expand_ws(w, self.num_ws, self.w_dim)
+        if psi == 1:
+            return ws
+        return torch.cat([self.w_avg.lerp(ws[:, :cutoff], psi), ws[:, cutoff:]], dim=1)
 
     @torch.no_grad()
     def compute_w_avg(self, samples=W_AVG_SAMPLES, seed=0):
         z = torch.randn(samples, self.z_dim, generator=torch.Generator().manual_seed(seed))
         self.w_avg.copy_(self.mapping(z.to(self.w_avg.device)).mean(0))
 
-    def forward(self, z, psi=1.0, noise_mode="const", noise=None):
-        return self.synthesis(self.truncate(self.mapping(z), psi), noise=noise, noise_mode=noise_mode)
+    def forward(self, z, psi=1.0, noise_mode="const", noise=None, cutoff=None):
+        return self.synthesis(self.truncate(self.mapping(z), psi, cutoff), noise=noise, noise_mode=noise_mode)
 
     def fold(self):
         """Inference form of a student (demodulation folded into the weights); a teacher is unchanged."""
@@ -458,16 +478,17 @@ class Blur(nn.Module):
 
 
 class FusedLeakyReLU(nn.Module):
-    def __init__(self, ch):
+    def __init__(self, ch, clamp=None):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(ch))
+        self.clamp = clamp
 
     def forward(self, x):
-        return ops.bias_leaky_relu(x, self.bias)
+        return ops.bias_leaky_relu(x, self.bias, clamp=self.clamp)
 
 
-def conv_layer(in_ch, out_ch, kernel_size, downsample=False, activate=True, bias=True):
-    """[Blur] -> EqualConv2d -> [bias + lrelu]; downsampling is blur + stride-2 conv."""
+def conv_layer(in_ch, out_ch, kernel_size, downsample=False, activate=True, bias=True, clamp=None):
+    """[Blur] -> EqualConv2d -> [bias + lrelu [+ clamp]]; downsampling is blur + stride-2 conv."""
     layers = []
     if downsample:  # pads make (H + p0 + p1 - 3 - k) // 2 + 1 = H / 2 for the 4-tap blur
         p = (4 - 2) + (kernel_size - 1)
@@ -475,16 +496,19 @@ def conv_layer(in_ch, out_ch, kernel_size, downsample=False, activate=True, bias
     layers.append(EqualConv2d(in_ch, out_ch, kernel_size, stride=2 if downsample else 1,
                               padding=0 if downsample else kernel_size // 2, bias=bias and not activate))
     if activate:
-        layers.append(FusedLeakyReLU(out_ch))
+        layers.append(FusedLeakyReLU(out_ch, clamp))
     return nn.Sequential(*layers)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch, out_ch):
+    """(conv2(conv1(x)) + skip(x)) / sqrt(2). NVIDIA scales both branches by sqrt(0.5) instead and clamps conv2 at
+    conv_clamp * sqrt(0.5) after that scale: the same as clamping conv2 at conv_clamp here, before the sum."""
+
+    def __init__(self, in_ch, out_ch, conv_clamp=None):
         super().__init__()
-        self.conv1 = conv_layer(in_ch, in_ch, 3)
-        self.conv2 = conv_layer(in_ch, out_ch, 3, downsample=True)
-        self.skip = conv_layer(in_ch, out_ch, 1, downsample=True, activate=False, bias=False)
+        self.conv1 = conv_layer(in_ch, in_ch, 3, clamp=conv_clamp)
+        self.conv2 = conv_layer(in_ch, out_ch, 3, downsample=True, clamp=conv_clamp)
+        self.skip = conv_layer(in_ch, out_ch, 1, downsample=True, activate=False, bias=False)  # never clamped
 
     def forward(self, x):
         return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2)
@@ -494,26 +518,28 @@ class Discriminator(nn.Module):
     """StyleGAN2 residual discriminator: image [B, 3, R, R] -> logits [B, 1].
 
     channels: widths at R, R/2, ..., 4 (rosinality's table by default). Minibatch stddev over groups of
-    min(B, 4) samples, strided like rosinality's view(G, -1, ...): the batch must be divisible by it.
+    min(B, stddev_group) samples, strided like rosinality's view(G, -1, ...): the batch must be divisible by it.
+    conv_clamp: None (rosinality) or NVIDIA's clamp of every activated conv output (StyleGAN2-ADA: 256).
     """
 
-    STDDEV_GROUP = 4
+    STDDEV_GROUP = 4  # rosinality's, and StyleGAN2-ADA's default
 
-    def __init__(self, img_resolution, channels=None):
+    def __init__(self, img_resolution, channels=None, conv_clamp=None, stddev_group=STDDEV_GROUP):
         super().__init__()
         if channels is None:
             channels = default_channels(img_resolution)[::-1]
         self.img_resolution, self.channels = img_resolution, list(channels)
-        self.convs = nn.Sequential(conv_layer(3, channels[0], 1),
-                                   *(ResBlock(i, o) for i, o in zip(channels[:-1], channels[1:])))
+        self.conv_clamp, self.stddev_group = conv_clamp, stddev_group
+        self.convs = nn.Sequential(conv_layer(3, channels[0], 1, clamp=conv_clamp),
+                                   *(ResBlock(i, o, conv_clamp) for i, o in zip(channels[:-1], channels[1:])))
         c4 = channels[-1]
-        self.final_conv = conv_layer(c4 + 1, c4, 3)
+        self.final_conv = conv_layer(c4 + 1, c4, 3, clamp=conv_clamp)
         self.final_linear = nn.Sequential(EqualLinear(c4 * 16, c4, activate=True), EqualLinear(c4, 1))
 
     def minibatch_stddev(self, x):
         """Append one channel: the stddev over each sample's group, averaged over C, H, W."""
         B, C, H, W = x.shape
-        group = min(B, self.STDDEV_GROUP)
+        group = min(B, self.stddev_group)
         if B % group:
             raise ValueError(f"discriminator batch {B} is not divisible by the stddev group {group}")
         y = x.reshape(group, -1, C, H, W)                            # sample j is in group j mod (B/group)
@@ -832,6 +858,359 @@ def _from_official(ckpt, path, part):
 
 
 # ----------------------------------------------------------------------------------------------
+# NVIDIA network pickles: network-snapshot-*.pkl of NVlabs/stylegan2-ada-pytorch (and of NVlabs/stylegan3 for
+# its stylegan2 config). Each network in such a file is a call torch_utils.persistence._reconstruct_persistent_obj
+# (meta), and NVIDIA's loader exec()s the module source that meta carries. msgan never runs or compiles it: a
+# restricted unpickler maps the few globals a snapshot needs to inert stand-ins, turns every persistent object
+# into an NvidiaObject record and refuses everything else. G_ema and D are then rebuilt from their tensors, and
+# only if they were pickled with a source that msgan knows computes what msgan implements.
+
+NVIDIA_SOURCES = {  # sha256 of an embedded module source (UTF-8) -> what it is. Recognised, never run.
+    "53b4e1ec457171d4e2c1454d48013765ab626141c35cdd383b020950effe11a5":
+        "NVlabs/stylegan2-ada-pytorch d72cc7d training/networks.py",
+}
+NVIDIA_SOURCES_ENV = "MSGAN_NVIDIA_SOURCES"  # more sha256s to accept, e.g. a fork's networks.py with the same math
+PICKLE_PROTO = b"\x80"  # the first byte of every pickle of protocol 2 or newer
+TORCH_LEGACY_HEAD = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]  # torch.save's pre-zip format
+NUMPY_SCALAR_KINDS = "biuf"  # bool, signed, unsigned, float: the numpy scalars in a snapshot (gains, counters)
+
+
+class NvidiaObject:
+    """A persistent object of an NVIDIA pickle, as plain data.
+
+    class_name: the class NVIDIA's loader would instantiate ("Generator", "SynthesisLayer", ...); module_src: the
+    source text that defines it, an inert string; state: its __dict__. Every persistent object of a snapshot is a
+    torch module, so state holds _parameters and _buffers (name -> tensor), _modules (name -> NvidiaObject) and
+    the attributes its __init__ set (resolution, conv_clamp, architecture, ...).
+    """
+
+    def __init__(self, class_name, module_src, state):
+        self.class_name, self.module_src, self.state = class_name, module_src, state
+
+    def __repr__(self):
+        return f"NvidiaObject({self.class_name!r})"
+
+    def __setstate__(self, state):  # a pickle can BUILD onto any object it made: never onto a record
+        raise CheckpointError(f"refused a pickle that rewrites NVIDIA {self.class_name} after making it")
+
+    def child(self, name):
+        return self.state["_modules"].get(name)
+
+    def attr(self, name, path):
+        if name not in self.state:
+            raise CheckpointError(f"{path}: NVIDIA {self.class_name} has no attribute {name!r}")
+        return self.state[name]
+
+
+def _nvidia_reconstruct(meta):
+    """Stand-in for torch_utils.persistence._reconstruct_persistent_obj: a record where NVIDIA exec()s the source."""
+    if not (isinstance(meta, dict) and meta.get("type") == "class" and isinstance(meta.get("class_name"), str)
+            and isinstance(meta.get("module_src"), str) and isinstance(meta.get("state"), dict)):
+        raise CheckpointError("refused a persistent object that is not NVIDIA's plain class record")
+    return NvidiaObject(meta["class_name"], meta["module_src"], meta["state"])
+
+
+def _nvidia_storage(blob):
+    """Stand-in for torch.storage._load_from_bytes: blob is torch.save(storage) in torch's legacy format, which
+    NVIDIA reads with torch.load(weights_only=False). Read with torch's weights-only unpickler, as a 1-D tensor."""
+    if not isinstance(blob, bytes):
+        raise CheckpointError("refused a storage that is not a byte string")
+    try:
+        storage = torch.load(io.BytesIO(blob), weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"refused a storage blob that torch's weights-only loader rejects ({type(e).__name__})")
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise CheckpointError(f"refused a storage blob that holds a {type(storage).__name__}, not a storage")
+    with warnings.catch_warnings():  # the legacy format can only give the deprecated TypedStorage
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated")
+        return torch.empty(0, dtype=storage.dtype).set_(storage.untyped())  # [numel]
+
+
+def _nvidia_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """Stand-in for torch._utils._rebuild_tensor_v2: a strided view of the storage (torch checks the bounds)."""
+    if not (isinstance(storage, torch.Tensor) and storage.ndim == 1):
+        raise CheckpointError("refused a tensor that is not built on a storage")
+    return storage.as_strided(size, stride, offset)
+
+
+def _nvidia_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+    """Stand-in for torch._utils._rebuild_parameter(_with_state): the tensor itself."""
+    if not isinstance(data, torch.Tensor):
+        raise CheckpointError("refused a parameter that is not a tensor")
+    return data
+
+
+class _NumpyDtype:
+    """Stand-in for numpy.dtype(code, align, copy): keeps the code, and the byte order from numpy's pickled state."""
+
+    def __init__(self, code, align=False, copy=True):
+        self.code, self.byteorder = code, "="
+
+    def __setstate__(self, state):  # numpy's dtype state: (version, byte order, ...)
+        self.byteorder = state[1]
+
+
+def _numpy_scalar(dtype, data):
+    """Stand-in for numpy's multiarray.scalar(dtype, raw bytes): numeric scalars only."""
+    if not (isinstance(dtype, _NumpyDtype) and isinstance(dtype.code, str) and isinstance(data, bytes)):
+        raise CheckpointError("refused a numpy scalar that is not (dtype code, raw bytes)")
+    dt = np.dtype(dtype.code)
+    if dt.kind not in NUMPY_SCALAR_KINDS or dt.itemsize != len(data):
+        raise CheckpointError(f"refused a numpy scalar of dtype {dtype.code!r}: only numbers are allowed")
+    return np.frombuffer(data, dt.newbyteorder(dtype.byteorder))[0]
+
+
+def _codecs_encode(text, encoding):
+    """Stand-in for _codecs.encode, which protocol-2 pickles use for every bytes object: latin-1 text only."""
+    if not (isinstance(text, str) and encoding == "latin1"):
+        raise CheckpointError("refused _codecs.encode other than of latin-1 text")
+    return text.encode("latin1")
+
+
+NVIDIA_PICKLE_GLOBALS = {  # everything a snapshot references, each mapped to something that only builds data
+    "collections.OrderedDict": collections.OrderedDict,
+    "builtins.set": set,                    # protocol 3 spells a set this way (protocol 4 needs no global) ...
+    "__builtin__.set": set,                 # ... and protocol 2 this way
+    "_codecs.encode": _codecs_encode,       # bytes in protocol-2 pickles
+    "dnnlib.util.EasyDict": dict,           # NVIDIA's dict with attribute access: its items are what matters
+    "numpy.dtype": _NumpyDtype,
+    "numpy._core.multiarray.scalar": _numpy_scalar,
+    "numpy.core.multiarray.scalar": _numpy_scalar,  # written by numpy < 2, as in most downloads
+    "torch._utils._rebuild_tensor_v2": _nvidia_tensor,
+    "torch._utils._rebuild_parameter": _nvidia_parameter,
+    "torch._utils._rebuild_parameter_with_state": _nvidia_parameter,
+    "torch.storage._load_from_bytes": _nvidia_storage,
+    "torch_utils.persistence._reconstruct_persistent_obj": _nvidia_reconstruct,
+}
+
+
+class _NvidiaUnpickler(pickle.Unpickler):
+    """Resolves only NVIDIA_PICKLE_GLOBALS, and no persistent ids: it builds data and can call nothing else."""
+
+    def find_class(self, module, name):
+        if f"{module}.{name}" in NVIDIA_PICKLE_GLOBALS:
+            return NVIDIA_PICKLE_GLOBALS[f"{module}.{name}"]
+        if module.startswith("dnnlib.tflib"):
+            raise CheckpointError("a TensorFlow-era StyleGAN pickle (dnnlib.tflib): not supported, msgan reads "
+                                  "PyTorch snapshots (NVIDIA's stylegan2-ada-pytorch legacy.py converts it)")
+        raise CheckpointError(f"refused global {module}.{name}: NVIDIA snapshots need only tensors, numbers and "
+                              "NVIDIA's records, and msgan runs no code from a pickle")
+
+    def persistent_load(self, pid):
+        raise CheckpointError("refused a persistent id: NVIDIA snapshots have none")
+
+
+def read_nvidia_pickle(path):
+    """The contents of an NVIDIA network pickle as plain data, without running any of it.
+
+    Returns the pickled dict (G, D, G_ema, augment_pipe, training_set_kwargs, ...), with an NvidiaObject for each
+    of NVIDIA's persistent objects. Raises CheckpointError for any global outside NVIDIA_PICKLE_GLOBALS.
+    """
+    try:
+        with open(path, "rb") as f:
+            return _NvidiaUnpickler(f).load()
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # truncated or corrupt
+        reason = (str(e).splitlines() or ["empty or truncated file"])[0]
+        raise CheckpointError(f"{path}: not a readable NVIDIA pickle ({type(e).__name__}: {reason})") from None
+
+
+def _is_bare_pickle(path):
+    """A pickle that torch.save did not write (torch writes a zip archive, or its legacy format): NVIDIA's."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(len(TORCH_LEGACY_HEAD))
+    return head.startswith(PICKLE_PROTO) and head != TORCH_LEGACY_HEAD
+
+
+def _nvidia_modules(net, path, prefix="", ancestors=()):
+    """(key prefix, record) of net and all its submodules, in the order of torch's state_dict(), each checked to
+    be a torch module's state (a pickle can still edit a dict after a record was made from it)."""
+    for field, kind in (("_parameters", torch.Tensor), ("_buffers", torch.Tensor), ("_modules", NvidiaObject)):
+        items = net.state.get(field)
+        if not (isinstance(items, dict) and all(isinstance(k, str) and (v is None or isinstance(v, kind))
+                                                for k, v in items.items())):
+            raise CheckpointError(f"{path}: NVIDIA {net.class_name} {prefix!r}: {field} is not a dict of "
+                                  f"{kind.__name__}s")
+    if not isinstance(net.state.get("_non_persistent_buffers_set", set()), set) or net in ancestors:
+        raise CheckpointError(f"{path}: NVIDIA {net.class_name} {prefix!r} is not a torch module's state")
+    yield prefix, net
+    for name, child in net.state["_modules"].items():
+        if child is not None:
+            yield from _nvidia_modules(child, path, f"{prefix}{name}.", (*ancestors, net))
+
+
+def _nvidia_state_dict(net, path):
+    """What net.state_dict() would return: each module's parameters, then its persistent buffers."""
+    state = {}
+    for prefix, module in _nvidia_modules(net, path):
+        transient = module.state.get("_non_persistent_buffers_set", set())
+        buffers = {k: v for k, v in module.state["_buffers"].items() if k not in transient}
+        state.update((prefix + k, v) for k, v in {**module.state["_parameters"], **buffers}.items() if v is not None)
+    return state
+
+
+def _check_nvidia_source(net, path, what):
+    """msgan never runs the embedded source, so it rebuilds only networks pickled with a source it knows: a
+    modified one (a fork, or a tampered file) may compute something else."""
+    known = set(NVIDIA_SOURCES) | set(os.environ.get(NVIDIA_SOURCES_ENV, "").replace(",", " ").split())
+    for source in {module.module_src for _, module in _nvidia_modules(net, path)}:
+        digest = _sha256(source.encode("utf-8", "surrogatepass"))
+        if digest not in known:
+            raise CheckpointError(f"{path}: {what} was pickled with a source (sha256 {digest}) that is not a known "
+                                  f"NVIDIA release; msgan never runs it, and rebuilds only code it knows (to accept "
+                                  f"this one, add its sha256 to ${NVIDIA_SOURCES_ENV})")
+
+
+def _nvidia_conv_clamp(net, class_names, path, what, skip=()):
+    """The one conv_clamp of the layers of the given classes (None: no clamp), as a plain float."""
+    clamps = {module.attr("conv_clamp", path) for prefix, module in _nvidia_modules(net, path)
+              if module.class_name in class_names and not prefix.endswith(skip)}
+    if len(clamps) != 1:
+        raise CheckpointError(f"{path}: {what}: layers with different conv_clamp ({sorted(map(str, clamps))}): "
+                              "not supported")
+    (clamp,) = clamps
+    return None if clamp is None else float(clamp)
+
+
+def _drop_resample_filters(state, path, what):
+    """NVIDIA stores its FIR filter in every module that resamples; msgan builds [1, 3, 3, 1] itself: check it."""
+    expected = ops.make_blur_kernel()
+    for key in [k for k in state if k.endswith("resample_filter")]:
+        f = state.pop(key)
+        if f.shape != expected.shape or not torch.allclose(f, expected):
+            raise CheckpointError(f"{path}: {what}: {key} is not the [1, 3, 3, 1] filter msgan implements")
+
+
+def _nvidia_block_index(resolution):
+    """Block b<r> of NVIDIA's synthesis (r >= 8) is msgan's to_rgbs[k], convs[2k] and convs[2k+1]."""
+    return int(math.log2(int(resolution))) - 3
+
+
+# NVIDIA G_ema key -> msgan key, applied in order
+NVIDIA_GENERATOR_RULES = [
+    (r"mapping\.fc(\d+)\.(weight|bias)", r"mapping.layers.\1.\2"),
+    (r"mapping\.w_avg", "w_avg"),
+    (r"synthesis\.b4\.const", "synthesis.const"),
+    (r"synthesis\.b4\.conv1\.(.*)", r"synthesis.conv1.\1"),
+    (r"synthesis\.b4\.torgb\.(.*)", r"synthesis.to_rgb1.\1"),
+    (r"synthesis\.b(\d+)\.conv([01])\.(.*)",
+     lambda m: f"synthesis.convs.{2 * _nvidia_block_index(m[1]) + int(m[2])}.{m[3]}"),
+    (r"synthesis\.b(\d+)\.torgb\.(.*)", lambda m: f"synthesis.to_rgbs.{_nvidia_block_index(m[1])}.{m[2]}"),
+    (r"(.*)\.affine\.(weight|bias)", r"\1.conv.modulation.\2"),  # the style FC of each layer
+    (r"(synthesis\.(?:conv1|convs\.\d+|to_rgb1|to_rgbs\.\d+))\.weight", r"\1.conv.weight"),
+    (r"synthesis\.conv1\.noise_const", "synthesis.noise_const.0"),  # noise buffers, numbered in forward order
+    (r"synthesis\.convs\.(\d+)\.noise_const", lambda m: f"synthesis.noise_const.{int(m[1]) + 1}"),
+]
+
+
+def _unsqueeze_nvidia_layouts(state):
+    """NVIDIA's const [C, 4, 4], noise_const [r, r] and 0-dim noise_strength -> [1, C, 4, 4], [1, 1, r, r], [1]."""
+    for key, value in state.items():
+        if key == "synthesis.const":
+            state[key] = value[None]
+        elif key.startswith("synthesis.noise_const."):
+            state[key] = value[None, None]
+        elif key.endswith("noise_strength"):
+            state[key] = value.flatten()
+    return state
+
+
+def _nvidia_generator(G, path):
+    synthesis, mapping = G.child("synthesis"), G.child("mapping")
+    if synthesis is None or mapping is None:
+        raise CheckpointError(f"{path}: G_ema: an NVIDIA {G.class_name} without mapping and synthesis networks")
+    if synthesis.child("input") is not None:  # StyleGAN3's Fourier-feature input layer
+        raise CheckpointError(f"{path}: G_ema is a StyleGAN3 (alias-free, config -t/-r) generator: not supported, "
+                              "msgan's teacher is StyleGAN2")
+    if G.attr("c_dim", path):
+        raise CheckpointError(f"{path}: G_ema is a conditional generator (c_dim = {G.attr('c_dim', path)}): not "
+                              "supported, msgan's networks take no class labels")
+    architectures = sorted({str(block.attr("architecture", path)) for _, block in _nvidia_modules(G, path)
+                            if block.class_name == "SynthesisBlock"})
+    if architectures != ["skip"]:
+        raise CheckpointError(f"{path}: G_ema has the {'/'.join(architectures)!r} architecture: not supported, "
+                              "msgan's teacher is StyleGAN2's 'skip' generator (NVIDIA's default)")
+    _check_nvidia_source(G, path, "G_ema")
+    conv_clamp = _nvidia_conv_clamp(synthesis, ("SynthesisLayer", "ToRGBLayer"), path, "G_ema")
+
+    state = _nvidia_state_dict(G, path)
+    _drop_resample_filters(state, path, "G_ema")
+    file_keys = {}
+    state = _unsqueeze_nvidia_layouts(_rename(state, NVIDIA_GENERATOR_RULES, file_keys))
+    config = dict(arch="stylegan2", **_mapping_config(state, "mapping.layers.", 0, path), conv_clamp=conv_clamp)
+    for i in range(config["mapping_layers"]):  # stored weights are N(0, 1) / lr: bring them to msgan's lr
+        lr = float(mapping.child(f"fc{i}").attr("bias_gain", path))  # NVIDIA's bias_gain is the lr multiplier
+        if lr != MAPPING_LR_MUL:
+            for name in ("weight", "bias"):
+                state[f"mapping.layers.{i}.{name}"] = state[f"mapping.layers.{i}.{name}"] * (lr / MAPPING_LR_MUL)
+    config["channels"] = [_get(state, "synthesis.conv1.conv.weight", path).shape[0]]
+    while f"synthesis.convs.{2 * len(config['channels']) - 1}.conv.weight" in state:  # the 2nd conv of each block
+        config["channels"].append(state[f"synthesis.convs.{2 * len(config['channels']) - 1}.conv.weight"].shape[0])
+    return _load_into(Generator(config), state, path, "G_ema", file_keys)
+
+
+def _nvidia_discriminator_rules(img_resolution):
+    """NVIDIA D key -> msgan (rosinality) key. b<R>.fromrgb is convs.0, block b<r> is convs.<log2(R/r) + 1>, the
+    epilogue b4 is final_conv and final_linear."""
+    def block(m):
+        return int(math.log2(img_resolution // int(m[1]))) + 1
+    return [
+        (r"b\d+\.fromrgb\.weight", "convs.0.0.weight"),
+        (r"b\d+\.fromrgb\.bias", "convs.0.1.bias"),
+        (r"b(\d+)\.conv0\.weight", lambda m: f"convs.{block(m)}.conv1.0.weight"),
+        (r"b(\d+)\.conv0\.bias", lambda m: f"convs.{block(m)}.conv1.1.bias"),
+        (r"b(\d+)\.conv1\.weight", lambda m: f"convs.{block(m)}.conv2.1.weight"),  # conv2.0 is the blur
+        (r"b(\d+)\.conv1\.bias", lambda m: f"convs.{block(m)}.conv2.2.bias"),
+        (r"b(\d+)\.skip\.weight", lambda m: f"convs.{block(m)}.skip.1.weight"),
+        (r"b4\.conv\.weight", "final_conv.0.weight"),
+        (r"b4\.conv\.bias", "final_conv.1.bias"),
+        (r"b4\.fc\.(weight|bias)", r"final_linear.0.\1"),
+        (r"b4\.out\.(weight|bias)", r"final_linear.1.\1"),
+    ]
+
+
+def _nvidia_discriminator(D, path):
+    if D.attr("c_dim", path):
+        raise CheckpointError(f"{path}: D is a conditional discriminator (c_dim = {D.attr('c_dim', path)}): not "
+                              "supported, msgan's networks take no class labels")
+    epilogue = D.child("b4")
+    if epilogue is None:
+        raise CheckpointError(f"{path}: D: an NVIDIA {D.class_name} without the 4x4 epilogue b4")
+    architectures = sorted({str(block.attr("architecture", path)) for _, block in _nvidia_modules(D, path)
+                            if block.class_name in ("DiscriminatorBlock", "DiscriminatorEpilogue")})
+    if architectures != ["resnet"]:
+        raise CheckpointError(f"{path}: D has the {'/'.join(architectures)!r} architecture: not supported, "
+                              "msgan's discriminator is StyleGAN2's 'resnet' (NVIDIA's default)")
+    mbstd = epilogue.child("mbstd")
+    if mbstd is None or mbstd.attr("num_channels", path) != 1 or not isinstance(mbstd.attr("group_size", path), int):
+        raise CheckpointError(f"{path}: D: only a minibatch-stddev layer with 1 channel and a fixed group size is "
+                              "supported")
+    _check_nvidia_source(D, path, "D")
+    conv_clamp = _nvidia_conv_clamp(D, ("Conv2dLayer",), path, "D", skip="skip.")  # the skip convs are never clamped
+
+    state = _nvidia_state_dict(D, path)
+    _drop_resample_filters(state, path, "D")
+    img_resolution = max(int(key.split(".")[0][1:]) for key in state)  # keys b<R>.*, ..., b8.*, b4.*
+    file_keys = {}
+    state = _rename(state, _nvidia_discriminator_rules(img_resolution), file_keys)
+    return _discriminator_from_state(state, path, file_keys, conv_clamp=conv_clamp,
+                                     stddev_group=mbstd.attr("group_size", path))
+
+
+def _from_nvidia(snapshot, path, part):
+    """G_ema (the generator people sample; G is the raw training copy) or D of an NVIDIA snapshot."""
+    name = "D" if part == "discriminator" else "G_ema"
+    net = snapshot.get(name) if isinstance(snapshot, dict) else None
+    if not isinstance(net, NvidiaObject):
+        raise CheckpointError(f"{path}: not an NVIDIA network snapshot (it holds no {name} network)")
+    list(_nvidia_modules(net, path))  # checks the whole tree before anything reads it
+    return _nvidia_discriminator(net, path) if name == "D" else _nvidia_generator(net, path)
+
+
+# ----------------------------------------------------------------------------------------------
 # Pretrained models. "ffhq" is the official MobileStyleGAN FFHQ-1024, which its author ships as OpenVINO
 # IR inside the PyPI wheel random-face (Apache-2.0). It is fetched with pip, checked by sha256, and
 # imported once into msgan's format in weights/; OpenVINO itself is never needed.
@@ -1009,18 +1388,21 @@ def pretrained_path(name):
     return path
 
 
-def _discriminator_from_state(state, path):
+def _discriminator_from_state(state, path, file_keys=None, **options):
+    """A rosinality-layout D state dict -> Discriminator(..., **options); channels from the tensor shapes."""
     channels = [_get(state, "convs.0.0.weight", path).shape[0]]
     while f"convs.{len(channels)}.conv2.1.weight" in state:
         channels.append(state[f"convs.{len(channels)}.conv2.1.weight"].shape[0])
-    D = Discriminator(4 * 2 ** (len(channels) - 1), channels)
+    D = Discriminator(4 * 2 ** (len(channels) - 1), channels, **options)
     state = {k: v for k, v in state.items() if not k.endswith(".kernel")}  # fixed blur buffers
-    return _load_into(D, state, path, "discriminator")
+    return _load_into(D, state, path, "discriminator", file_keys)
 
 
 def _build(entry, path, part):
     if part == "discriminator":
-        D = Discriminator(entry["config"]["img_resolution"], entry["config"]["channels"])
+        config = entry["config"]  # files written before conv_clamp / stddev_group existed lack them
+        D = Discriminator(config["img_resolution"], config["channels"], config.get("conv_clamp"),
+                          config.get("stddev_group", Discriminator.STDDEV_GROUP))
         return _load_into(D, entry["state_dict"], path, part)
     return _load_into(Generator(entry["config"]), entry["state_dict"], path, part)
 
@@ -1029,15 +1411,18 @@ def load(src, device="cpu", part="generator"):
     """Load a network from a checkpoint file.
 
     src: a pretrained model name (see PRETRAINED: "ffhq"), or the path to a msgan,
-    rosinality/stylegan2-pytorch or official MobileStyleGAN checkpoint.
-    part: "generator" (the student of an official checkpoint, else the stored generator), "teacher"
-    (the StyleGAN2 network of the file: an official or distillation checkpoint's teacher, or a StyleGAN2
-    generator) or "discriminator".
+    rosinality/stylegan2-pytorch or official MobileStyleGAN checkpoint, or to an NVIDIA StyleGAN2-ADA network
+    pickle (read without running any of it, see read_nvidia_pickle).
+    part: "generator" (the student of an official checkpoint, G_ema of an NVIDIA pickle, else the stored
+    generator), "teacher" (the StyleGAN2 network of the file: the teacher of an official or distillation
+    checkpoint, else its StyleGAN2 generator) or "discriminator".
     Returns the module in eval mode on `device`. Raises CheckpointError with a one-line reason.
     """
     if part not in ("generator", "teacher", "discriminator"):
         raise ValueError(f"part must be 'generator', 'teacher' or 'discriminator', got {part!r}")
     path = pretrained_path(src) if src in PRETRAINED else os.fspath(src)
+    if _is_bare_pickle(path):
+        return _from_nvidia(read_nvidia_pickle(path), path, part).to(device).eval()
     ckpt = read_checkpoint(path)
     if ckpt.get("format") == FORMAT_NAME:
         if ckpt.get("version") != FORMAT_VERSION:
@@ -1066,7 +1451,11 @@ def load(src, device="cpu", part="generator"):
 
 
 def _entry(net):
-    config = net.config if isinstance(net, Generator) else dict(img_resolution=net.img_resolution, channels=net.channels)
+    if isinstance(net, Generator):
+        config = net.config
+    else:
+        config = dict(img_resolution=net.img_resolution, channels=net.channels, conv_clamp=net.conv_clamp,
+                      stddev_group=net.stddev_group)
     return {"config": config, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
 
 

@@ -20,11 +20,15 @@ DEMOD_EPS = 1e-8           # added under the rsqrt of demodulation (both project
 # Bias + activation
 
 
-def bias_leaky_relu(x, bias=None, gain=LRELU_GAIN):
-    """StyleGAN2's fused bias + leaky-ReLU(0.2) * gain; bias [C] is added along dim 1."""
+def bias_leaky_relu(x, bias=None, gain=LRELU_GAIN, clamp=None):
+    """StyleGAN2's fused bias + leaky-ReLU(0.2) * gain; bias [C] is added along dim 1.
+
+    clamp: if set, the result is clamped to [-clamp, clamp] last (the order of NVIDIA's bias_act).
+    """
     if bias is not None:
         x = x + bias.view(1, -1, *([1] * (x.ndim - 2)))
-    return F.leaky_relu(x, LRELU_SLOPE) * gain
+    x = F.leaky_relu(x, LRELU_SLOPE) * gain
+    return x if clamp is None else x.clamp(-clamp, clamp)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,12 +6,16 @@ temporary folder with torch.save and read back through msgan.load, exactly as a 
 
     python -m pytest -q test_msgan.py
 """
+import hashlib
 import importlib.util
 import json
 import os
+import pickle
+import pickletools
 import re
 import subprocess
 import sys
+import types
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -1231,3 +1235,328 @@ def test_ffhq_openvino_matches_the_reference(tmp_path):
     export.main(["openvino", "--outdir", str(tmp_path), "--batch", "1"])
     compiled = ov.Core().compile_model(str(tmp_path / "synthesis.xml"), "CPU", OPENVINO_F32)
     ffhq_reference_check(lambda w: compiled({"w": w})[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# NVIDIA StyleGAN2-ADA network pickles (golden data in ../shared/reference/nvlabs: a snapshot written by NVIDIA's
+# stylegan2-ada-pytorch, and the float32 outputs NVIDIA's own code computed from it). Tolerances are the ones its
+# README suggests for an independent float32 implementation.
+
+NV_PKL = REF / "nvlabs" / "nvlabs_public.pkl"
+NV_MAPPING_TOL = 1e-5   # mapping and truncation: the same op sequence as NVIDIA's
+NV_CLAMP_TOL = 5e-3     # the clamp cases reach values of ~1e3
+NV_CLAMP_CASES = {      # case -> the parameter NVIDIA scaled (b8.torgb.weight, b4.const), in msgan's names
+    "torgb": "synthesis.to_rgbs.0.conv.weight",
+    "conv": "synthesis.const",
+}
+
+
+@pytest.fixture(scope="module")
+def nv():
+    return load_reference("nvlabs/nvlabs_public_expected.pt")
+
+
+@pytest.fixture(scope="module", params=["pickle", "saved"])
+def nv_nets(request, tmp_path_factory):
+    """(G, D) read from NVIDIA's pickle by msgan.load, and the same after msgan.save + msgan.load (no pickle)."""
+    G, D = msgan.load(NV_PKL), msgan.load(NV_PKL, part="discriminator")
+    if request.param == "saved":
+        path = tmp_path_factory.mktemp("nvlabs") / "imported.pt"
+        msgan.save(path, generator=G, discriminator=D)
+        G, D = msgan.load(path), msgan.load(path, part="discriminator")
+    return G, D
+
+
+@torch.no_grad()
+def test_nvidia_mapping_and_truncation(nv_nets, nv):
+    G, _ = nv_nets
+    w = G.mapping(nv["inputs"]["z"])
+    every_slot = lambda w: w[:, None].expand(-1, G.num_ws, -1)  # NVIDIA's mapping broadcasts w to [B, num_ws, D]
+    assert_max_abs(every_slot(w), nv["mapping"]["psi1"], NV_MAPPING_TOL)
+    assert_max_abs(every_slot(G.truncate(w, 0.7)), nv["mapping"]["psi0_7"], NV_MAPPING_TOL)
+    cutoff = nv["config"]["truncation_cutoff"]
+    assert_max_abs(G.truncate(w, 0.5, cutoff=cutoff), nv["mapping"]["psi0_5_cutoff"], NV_MAPPING_TOL)
+
+
+@torch.no_grad()
+def test_nvidia_synthesis_in_every_noise_mode(nv_nets, nv):
+    G, _ = nv_nets
+    ws, expected = nv["inputs"]["ws"], nv["synthesis"]
+    assert_max_abs(G.synthesis(ws, noise_mode="const"), expected["const"])  # NVIDIA's noise_const buffers
+    assert_max_abs(G.synthesis(ws, noise_mode="none"), expected["none"])
+    noise = [expected["random_noise"][layer] for layer in
+             ["b4.conv1"] + [f"b{r}.conv{i}" for r in (8, 16, 32, 64) for i in (0, 1)]]  # forward order
+    assert_max_abs(G.synthesis(ws, noise=noise), expected["random"])
+    with torch.random.fork_rng():  # NVIDIA draws each layer's noise from the global generator, in forward order
+        torch.manual_seed(nv["seeds"]["noise_random"])
+        assert_max_abs(G.synthesis(ws, noise_mode="random"), expected["random"])
+
+
+@torch.no_grad()
+def test_nvidia_generator_truncated(nv_nets, nv):
+    G, _ = nv_nets
+    assert_max_abs(G(nv["inputs"]["z"], psi=0.7), nv["generator"]["psi0_7_const"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case", NV_CLAMP_CASES)
+def test_nvidia_conv_clamp(nv_nets, nv, case):
+    """NVIDIA's stored cases: one parameter scaled until layer outputs exceed conv_clamp."""
+    G, _ = nv_nets
+    expected = nv["clamp"][case]
+    assert G.config["conv_clamp"] == nv["config"]["conv_clamp"]
+
+    def run(conv_clamp):  # -> image and the output of b4.conv1 (msgan's synthesis.conv1)
+        net = msgan.Generator({**G.config, "conv_clamp": conv_clamp})
+        net.load_state_dict(G.state_dict())
+        net.get_parameter(NV_CLAMP_CASES[case]).mul_(expected["factor"])
+        layer = []
+        net.synthesis.conv1.register_forward_hook(lambda module, args, out: layer.append(out))
+        return net.synthesis(nv["inputs"]["ws"]), layer[0]
+
+    img, conv1 = run(G.config["conv_clamp"])
+    assert_max_abs(img, expected["img_clamped"], NV_CLAMP_TOL)
+    img_unclamped, conv1_unclamped = run(None)  # without the clamp: off by hundreds, as NVIDIA's own unclamped run
+    assert_rel((img_unclamped - img).abs().max(), expected["img_max_abs_diff_clamped_vs_unclamped"], 1e-4)
+    if case == "conv":  # the case's designated layer is b4.conv1
+        assert_max_abs(conv1, expected["layer_out_clamped"], NV_CLAMP_TOL)
+        assert_max_abs(conv1_unclamped, expected["layer_out_unclamped"], NV_CLAMP_TOL)
+
+
+@torch.no_grad()
+def test_nvidia_discriminator(nv_nets, nv):
+    _, D = nv_nets
+    assert (D.conv_clamp, D.stddev_group) == (nv["config"]["conv_clamp"], nv["config"]["d_mbstd_group_size"])
+    fake, expected = nv["synthesis"]["const"], nv["discriminator"]
+    x = D.convs(fake)
+    assert_max_abs(x, expected["blocks_fake"]["b8"])
+    assert_max_abs(D.minibatch_stddev(x), expected["mbstd_out_fake"])
+    assert_max_abs(D(fake), expected["logits_fake"])
+    assert_max_abs(D(nv["inputs"]["d_images_random"]), expected["logits_random"])
+
+
+def test_nvidia_geometry_comes_from_the_pickle_and_teacher_is_g_ema(nv):
+    G, config = msgan.load(NV_PKL, part="teacher"), nv["config"]
+    assert (G.z_dim, G.w_dim, G.num_ws, G.img_resolution) == (config["z_dim"], config["w_dim"], config["num_ws"],
+                                                             config["img_resolution"])
+    assert G.config["mapping_layers"] == config["mapping_layers"]
+    assert G.synthesis.channels == [config["channels"][str(4 * 2**i)] for i in range(5)]
+    sum_abs = nv["g_ema_state_checksums"]["mapping.w_avg"][1]  # NVIDIA's tracked w_avg, not a recomputed one
+    assert_rel(G.w_avg.double().abs().sum(), sum_abs, 1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(G.state_dict().values(), msgan.load(NV_PKL).state_dict().values()))
+
+
+# Writing NVIDIA-style pickles for the tests below: read_nvidia_pickle's data, pickled with each NvidiaObject as a
+# call of torch_utils.persistence._reconstruct_persistent_obj(meta), which is how NVIDIA's persistence writes it.
+
+
+@pytest.fixture
+def nvidia_pickler(monkeypatch):
+    """write(snapshot, path, protocol) -> path. Only the function's name goes into the file; it is never called."""
+    persistence = types.ModuleType("torch_utils.persistence")
+
+    def reconstruct(meta):
+        raise AssertionError("never called: pickling only records the name")
+    reconstruct.__module__, reconstruct.__qualname__ = persistence.__name__, "_reconstruct_persistent_obj"
+    persistence._reconstruct_persistent_obj = reconstruct
+    monkeypatch.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", persistence)
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, msgan.NvidiaObject):
+                return reconstruct, (dict(type="class", version=6, module_src=obj.module_src,
+                                          class_name=obj.class_name, state=obj.state),)
+            return NotImplemented
+
+    def write(snapshot, path, protocol=4):
+        with open(path, "wb") as f:
+            Pickler(f, protocol=protocol).dump(snapshot)
+        return path
+    return write
+
+
+def nvidia_records(obj):
+    """obj and all its NvidiaObject submodules."""
+    yield obj
+    for child in obj.state["_modules"].values():
+        if child is not None:
+            yield from nvidia_records(child)
+
+
+def pickle_globals(data):
+    """'module name' of every global a pickle references (statically, nothing is loaded)."""
+    found, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "GLOBAL":
+            found.add(arg)
+        elif op.name == "STACK_GLOBAL":
+            found.add(" ".join(strings[-2:]))
+        elif "UNICODE" in op.name:
+            strings.append(arg)
+    return found
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_nvidia_pickle_written_by_older_python_and_numpy(nvidia_pickler, tmp_path, protocol):
+    """Most downloads were written under Python <= 3.7 (protocol 3; 2 for older tools) and numpy 1.x (numpy.core)."""
+    path = nvidia_pickler(msgan.read_nvidia_pickle(NV_PKL), tmp_path / "older.pkl", protocol)
+    data = path.read_bytes()
+    assert data.count(b"cnumpy._core.multiarray\nscalar\n") == 1
+    path.write_bytes(data.replace(b"cnumpy._core.multiarray\nscalar\n", b"cnumpy.core.multiarray\nscalar\n"))
+    found = pickle_globals(path.read_bytes())
+    assert path.read_bytes()[1] == protocol and "numpy.core.multiarray scalar" in found
+    assert ("_codecs encode" in found and "__builtin__ set" in found) if protocol == 2 else "builtins set" in found
+    for part in ("generator", "discriminator"):
+        older, original = msgan.load(path, part=part), msgan.load(NV_PKL, part=part)
+        assert older.state_dict().keys() == original.state_dict().keys()
+        assert all(torch.equal(a, b) for a, b in zip(older.state_dict().values(), original.state_dict().values()))
+
+
+
+# Security: nothing in a pickle runs. Each hostile file is loaded by msgan (refused, no marker), then by a plain
+# unpickler as the control that proves the payload is live.
+
+
+def call_pickle(module, name, arg):
+    """A pickle that calls module.name(arg) when loaded: PROTO 2, GLOBAL, the argument, TUPLE1, REDUCE, STOP."""
+    return b"\x80\x02c" + f"{module}\n{name}\n".encode() + pickle.dumps(arg, protocol=2)[2:-1] + b"\x85R."
+
+
+HOSTILE_CALLS = [  # (module, name, code; {marker} is the file the code creates)
+    ("os", "system", "touch {marker}"),
+    ("posix", "system", "touch {marker}"),  # how pickle spells os.system on Linux
+    ("builtins", "exec", "open({marker!r}, 'w').close()"),
+    ("builtins", "eval", "open({marker!r}, 'w').close()"),
+    ("__builtin__", "eval", "open({marker!r}, 'w').close()"),  # the protocol-2 spelling of builtins
+]
+
+
+@pytest.mark.parametrize("module, name, code", HOSTILE_CALLS, ids=[f"{m}.{n}" for m, n, _ in HOSTILE_CALLS])
+def test_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, module, name, code):
+    marker, path = tmp_path / "ran", tmp_path / "network-snapshot.pkl"
+    path.write_bytes(call_pickle(module, name, code.format(marker=str(marker))))
+    for part in ("generator", "teacher", "discriminator"):
+        with pytest.raises(msgan.CheckpointError, match=rf"^{re.escape(str(path))}: refused global {module}\.{name}"):
+            msgan.load(path, part=part)
+    assert not marker.exists()
+    pickle.loads(path.read_bytes())
+    assert marker.exists()
+
+
+def test_storage_blob_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    """NVIDIA's loader torch.load()s each storage blob with weights_only=False; msgan with torch's weights-only one."""
+    marker, path = tmp_path / "ran", tmp_path / "network-snapshot.pkl"
+    blob = call_pickle("os", "system", f"touch {marker}")
+    path.write_bytes(call_pickle("torch.storage", "_load_from_bytes", blob))
+    with pytest.raises(msgan.CheckpointError, match="refused a storage blob"):
+        msgan.load(path)
+    assert not marker.exists()
+    pickle.loads(blob)
+    assert marker.exists()
+
+
+def test_persistent_ids_are_refused(tmp_path):
+    path = tmp_path / "network-snapshot.pkl"
+    path.write_bytes(b"\x80\x03X\x03\x00\x00\x00pidQ.")  # PROTO 3, the string "pid", BINPERSID, STOP
+    with pytest.raises(msgan.CheckpointError, match="refused a persistent id"):
+        msgan.load(path)
+
+
+def test_truncated_nvidia_pickle_is_one_clear_error(tmp_path):
+    path = tmp_path / "network-snapshot.pkl"
+    path.write_bytes(NV_PKL.read_bytes()[:1_000_000])
+    with pytest.raises(msgan.CheckpointError, match=rf"^{re.escape(str(path))}: not a readable NVIDIA pickle"):
+        msgan.load(path)
+
+
+def test_tampered_embedded_source_is_refused_and_never_run(nvidia_pickler, tmp_path, monkeypatch):
+    """NVIDIA's loader exec()s the source each network carries; here it would create the marker."""
+    marker = tmp_path / "ran"
+    payload = f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n"
+    snapshot = msgan.read_nvidia_pickle(NV_PKL)
+    networks_py = snapshot["G_ema"].module_src
+    for record in [r for key in ("G", "D", "G_ema") for r in nvidia_records(snapshot[key])]:
+        record.module_src = payload + networks_py
+    path = nvidia_pickler(snapshot, tmp_path / "tampered.pkl")
+    digest = hashlib.sha256((payload + networks_py).encode()).hexdigest()
+    for part, name in (("generator", "G_ema"), ("discriminator", "D")):
+        with pytest.raises(msgan.CheckpointError, match=f"{name} was pickled with a source .* not a known NVIDIA"):
+            msgan.load(path, part=part)
+    assert not marker.exists()
+    monkeypatch.setenv(msgan.NVIDIA_SOURCES_ENV, digest)  # a user who accepts that source: still nothing runs
+    G = msgan.load(path)
+    assert all(torch.equal(a, b) for a, b in zip(G.state_dict().values(), msgan.load(NV_PKL).state_dict().values()))
+    assert not marker.exists()
+    exec(payload)
+    assert marker.exists()
+
+
+@torch.no_grad()
+def test_nvidia_mapping_learning_rate_is_read_from_the_pickle(nvidia_pickler, tmp_path, nv):
+    """NVIDIA stores mapping weights as N(0, 1) / lr: the same network trained with lr 0.1 stores them 10x smaller."""
+    snapshot, lr = msgan.read_nvidia_pickle(NV_PKL), 0.1
+    for record in nvidia_records(snapshot["G_ema"].child("mapping")):
+        if record.class_name == "FullyConnectedLayer":
+            old_lr = record.state["bias_gain"]
+            record.state["weight_gain"] *= lr / old_lr
+            record.state["bias_gain"] = lr
+            for name, value in record.state["_parameters"].items():
+                record.state["_parameters"][name] = value * (old_lr / lr)
+    G = msgan.load(nvidia_pickler(snapshot, tmp_path / "lr.pkl"))
+    assert_max_abs(G.mapping(nv["inputs"]["z"]), nv["mapping"]["psi1"][:, 0], NV_MAPPING_TOL)
+
+
+def set_block_architecture(architecture):
+    def edit(snapshot):
+        for record in nvidia_records(snapshot["G_ema"]):
+            if record.class_name == "SynthesisBlock":
+                record.state["architecture"] = architecture
+    return edit
+
+
+def make_stylegan3(snapshot):
+    """StyleGAN3's synthesis starts with a Fourier-feature layer named `input` (then L0_36_512, ...)."""
+    synthesis = snapshot["G_ema"].child("synthesis")
+    synthesis.state["_modules"] = {"input": synthesis.child("b4"), "L0_36_512": synthesis.child("b8")}
+
+
+NV_VARIANTS = {  # name -> (edit of the snapshot, part, what the message says)
+    "conditional G": (lambda s: s["G_ema"].state.update(c_dim=10), "generator", "conditional generator"),
+    "conditional D": (lambda s: s["D"].state.update(c_dim=10), "discriminator", "conditional discriminator"),
+    "orig G": (set_block_architecture("orig"), "generator", "'orig' architecture"),
+    "resnet G": (set_block_architecture("resnet"), "generator", "'resnet' architecture"),
+    "stylegan3": (make_stylegan3, "generator", "StyleGAN3"),
+}
+
+
+@pytest.mark.parametrize("variant", NV_VARIANTS)
+def test_unsupported_nvidia_variant_says_which_and_why(nvidia_pickler, tmp_path, variant):
+    edit, part, says = NV_VARIANTS[variant]
+    snapshot = msgan.read_nvidia_pickle(NV_PKL)
+    edit(snapshot)
+    path = nvidia_pickler(snapshot, tmp_path / "variant.pkl")
+    with pytest.raises(msgan.CheckpointError) as err:
+        msgan.load(path, part=part)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and says in message and "not supported" in message and "\n" not in message
+
+
+def test_tensorflow_era_pickle_says_so(tmp_path):
+    path = tmp_path / "stylegan2-ffhq-config-f.pkl"
+    path.write_bytes(b"\x80\x03cdnnlib.tflib.network\nNetwork\n)\x81.")  # GLOBAL, EMPTY_TUPLE, NEWOBJ: TF's Network
+    with pytest.raises(msgan.CheckpointError, match="TensorFlow-era .* not supported"):
+        msgan.load(path)
+
+
+def test_sample_and_onnx_export_of_an_nvidia_pickle(tmp_path, capsys):
+    assert run_sample("--model", NV_PKL, "--seeds", "0-1", "--outdir", tmp_path / "samples") == 0
+    assert png(tmp_path / "samples" / "seed0001.png").shape == (64, 64, 3)
+    export.main(["onnx", "--model", str(NV_PKL), "--outdir", str(tmp_path / "onnx")])
+    assert "onnx.checker ok" in capsys.readouterr().out
+    synthesis = tmp_path / "onnx" / "synthesis.onnx"
+    assert any(node.op_type == "Clip" for node in onnx.load(synthesis).graph.node)  # conv_clamp is in the graph
+    G = msgan.load(NV_PKL)
+    _, w, _ = random_inputs(G, 3)
+    with torch.no_grad():
+        assert max_abs(session(synthesis).run(None, {"w": w.numpy()})[0], G.synthesis(w)) <= TOL
