@@ -9,12 +9,15 @@ temporary folder with torch.save and read back through msgan.load, exactly as a 
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import pickle
 import pickletools
 import re
+import signal
 import subprocess
 import sys
+import time
 import types
 import urllib.error
 import zipfile
@@ -32,6 +35,7 @@ import fid
 import msgan
 import ops
 import sample
+import train
 
 REF = Path(__file__).resolve().parent.parent / "shared" / "reference"
 TOL = 1e-4          # max-abs tolerance of a float32 re-implementation (see the reference's "Numerical tolerance")
@@ -1560,3 +1564,391 @@ def test_sample_and_onnx_export_of_an_nvidia_pickle(tmp_path, capsys):
     _, w, _ = random_inputs(G, 3)
     with torch.no_grad():
         assert max_abs(session(synthesis).run(None, {"w": w.numpy()})[0], G.synthesis(w)) <= TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation losses and the differentiable augmentation (golden data: discriminator_and_loss_public.md, §2)
+
+
+@pytest.fixture(scope="module")
+def distill_ref():
+    return load_reference("discriminator_and_loss_public.pt")["distill"]
+
+
+def test_distillation_loss_matches_the_official_term_by_term(distill_ref):
+    inputs = distill_ref["inputs"]
+    terms = msgan.distillation_loss(inputs["pred_freq"], inputs["gt_img"])
+    for k, expected in enumerate(distill_ref["per_scale"]):
+        for name in ("l1_rgb", "l1_freq", "l2_rgb", "l2_freq"):
+            assert_rel(terms[f"{name}/{k}"], expected[name], 1e-5)
+    assert_rel(terms["l1"], distill_ref["official_return"]["l1"], 1e-5)
+    assert_rel(terms["l2"], distill_ref["official_return"]["l2"], 1e-5)
+
+
+def test_perceptual_loss_matches_the_official_with_synthetic_vgg(distill_ref, vgg):
+    inputs = distill_ref["inputs"]
+    img = inputs["pred_img"].clone().requires_grad_(True)
+    teacher_img = inputs["gt_img"].clone().requires_grad_(True)
+    loss = msgan.perceptual_loss(img, teacher_img, vgg)
+    assert_rel(loss, distill_ref["perceptual"]["loss_p"], 1e-4)
+    loss.backward()
+    assert img.grad.abs().sum() > 0 and teacher_img.grad is None  # no gradient through the teacher branch
+
+
+def test_augmentation_with_p_0_is_the_identity():
+    x = torch.randn(5, 3, 16, 16)
+    assert torch.equal(msgan.augment(x, msgan.augment_params(5, 0.0)), x)
+
+
+def only(op, n, **values):
+    """Parameters that switch on one op only, with the given values."""
+    params = msgan.augment_params(n, 1.0, torch.Generator().manual_seed(0))
+    for name in ("flip", "affine", "erase"):
+        params[name] = torch.full((n,), float(name == op))
+    params.update({k: torch.full((n,), float(v)) for k, v in values.items()})
+    return params
+
+
+def test_augmentation_ops_on_known_inputs():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    assert torch.equal(msgan.augment(x, only("flip", 2)), x.flip(3))
+    # a pure translation by whole pixels: 2 right (dx = 2/8 of the width) and 1 up (dy = -1/8)
+    shifted = msgan.augment(x, only("affine", 2, angle=0, scale=1, dx=2 / 8, dy=-1 / 8))
+    expected = torch.zeros_like(x)
+    expected[:, :, :-1, 2:] = x[:, :, 1:, :-2]
+    assert_max_abs(shifted, expected, 1e-4)
+    # a rotation by +90 degrees about the centre turns the pixel grid clockwise (as shown, y pointing down)
+    turned = msgan.augment(x, only("affine", 2, angle=math.pi / 2, scale=1, dx=0, dy=0))
+    assert_max_abs(turned, torch.rot90(x, -1, (2, 3)), 1e-3)
+    # erasing rows 2..5 and columns 4..7 (fractions of H and W)
+    erased = msgan.augment(x, only("erase", 2, erase_y=2 / 8, erase_h=4 / 8, erase_x=4 / 8, erase_w=4 / 8))
+    expected = x.clone()
+    expected[:, :, 2:6, 4:8] = 0
+    assert torch.equal(erased, expected)
+
+
+def test_augmentation_draws_the_official_ranges_and_passes_gradients():
+    params = msgan.augment_params(4000, 0.5, torch.Generator().manual_seed(1))
+    for name in ("flip", "affine", "erase"):
+        assert abs(params[name].mean().item() - 0.5) < 0.03
+    assert params["angle"].abs().max() <= math.radians(20) and params["dx"].abs().max() <= 0.1
+    assert params["dy"].abs().max() <= 0.3 and 0.7 <= params["scale"].min() and params["scale"].max() <= 1.2
+    area = params["erase_h"] * params["erase_w"]
+    assert area.min() >= 0.02 - 1e-6 and area.max() <= 0.33 + 1e-6
+    x = torch.randn(6, 3, 16, 16, requires_grad=True)
+    msgan.augment(x, msgan.augment_params(6, 1.0, torch.Generator().manual_seed(2))).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: distillation, run as `python train.py ...` runs it (in-process through train.main, or as a
+# subprocess where signals or several processes are involved). A random 16x16 teacher keeps runs short.
+
+TRAIN_PY = Path(__file__).resolve().parent / "train.py"
+QUICK = ["--batch", "4", "--log-every", "2", "--val-samples", "8"]
+
+
+def run_train(*args):
+    return train.main([str(a) for a in args])
+
+
+def train_subprocess(*args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two spinning thread pools on 2 shared cores crawl
+    return subprocess.Popen([sys.executable, str(TRAIN_PY), *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def log_lines(outdir):
+    return [json.loads(line) for line in (Path(outdir) / "log.jsonl").read_text().splitlines()]
+
+
+def train_state(path):
+    """Everything a run's checkpoint holds that training changes: parameters, optimisers, EMA, D, step."""
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt["train"], ckpt["generator"]["state_dict"], ckpt["discriminator"]["state_dict"]
+
+
+def assert_same_tensors(a, b, atol=0.0):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tensors(a[k], b[k], atol)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y, atol)
+    elif isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and (a.float() - b.float()).abs().max().item() <= atol
+    elif isinstance(a, float) and atol:
+        assert abs(a - b) <= atol * max(1.0, abs(a))
+    else:
+        assert a == b
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A random StyleGAN2 teacher at 16x16 (widths 32, 16, 16) saved as a msgan checkpoint."""
+    torch.manual_seed(0)
+    G = msgan.Generator(dict(arch="stylegan2", z_dim=16, w_dim=16, mapping_layers=2, channels=[32, 16, 16]))
+    G.compute_w_avg()
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    msgan.save(path, generator=G)
+    return path
+
+
+def test_distilling_the_golden_teacher_lowers_the_loss_and_raises_psnr(ckpt_dir, tmp_path):
+    """A few dozen CPU steps from the public rosinality teacher (64x64): loss down, validation PSNR up."""
+    out = tmp_path / "run"
+    assert run_train("--teacher", ckpt_dir / "rosinality.pt", "--steps", 40, "--batch", 8, "--log-every", 8,
+                     "--val-samples", 16, "--lr", "2e-3", "--trunc", "0.5", "--outdir", out) == 0
+    logs = log_lines(out)
+    assert [r["step"] for r in logs] == [8, 16, 24, 32, 40]
+    first, last = logs[0], logs[-1]
+    assert last["l1"] + last["l2"] < 0.8 * (first["l1"] + first["l2"])
+    assert last["val_distill"] < first["val_distill"] and last["psnr_db"] > first["psnr_db"] + 0.5
+    assert {"l1", "l2", "gan", "d", "lr", "img_per_s", "images"} <= set(last)
+    assert sorted(os.listdir(out)) == ["best.pt", "grids", "last.pt", "log.jsonl"]
+    grid = Image.open(out / "grids" / "0000040.png")
+    assert grid.size == (3 * 4 * 64 + 2 * 2, 4 * 64)  # teacher | student | EMA student, 4x4 each
+    # the checkpoint is a msgan file: its generator is the EMA student, its teacher the teacher
+    student, teacher = msgan.load(out / "last.pt"), msgan.load(out / "last.pt", part="teacher")
+    assert student.is_student and not teacher.is_student and student.img_resolution == 64
+    ema = torch.load(out / "last.pt", weights_only=True)["generator"]["state_dict"]
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in ema.items())
+    assert sample.main(["--model", str(out / "last.pt"), "--seeds", "0-1", "--outdir", str(tmp_path / "s")]) == 0
+
+
+def test_resume_continues_bit_identically(tiny_teacher, tmp_path):
+    common = ["--teacher", tiny_teacher, *QUICK, "--gan", "0.5"]
+    assert run_train(*common, "--steps", 4, "--outdir", tmp_path / "a") == 0
+    assert run_train("--resume", tmp_path / "a" / "last.pt", "--steps", 8) == 0
+    assert run_train(*common, "--steps", 8, "--outdir", tmp_path / "b") == 0
+    resumed, straight = train_state(tmp_path / "a" / "last.pt"), train_state(tmp_path / "b" / "last.pt")
+    assert resumed[0]["step"] == straight[0]["step"] == 8
+    for name in ("G", "opt_g", "opt_d", "rng"):
+        assert_same_tensors(resumed[0][name], straight[0][name])
+    assert_same_tensors(resumed[1], straight[1])  # EMA student
+    assert_same_tensors(resumed[2], straight[2])  # discriminator
+    assert [r["step"] for r in log_lines(tmp_path / "a")] == [2, 4, 6, 8]
+
+
+DDP_WRAPPER = '''
+import sys, torch, torch.distributed as dist, train
+args, _ = train.parse_args(sys.argv[1:])
+run = train.train(args)
+torch.save(run.G.state_dict(), f"{args.outdir}/rank{dist.get_rank()}.pt")
+dist.destroy_process_group()
+'''
+
+
+def test_ddp_two_processes_keep_ranks_identical_and_match_one_process(tiny_teacher, tmp_path):
+    """torchrun, gloo, 2 ranks x 4 samples == 1 process with the same global batch of 8 in 2 rounds of 4."""
+    wrapper = tmp_path / "ddp_train.py"
+    wrapper.write_text(DDP_WRAPPER)
+    args = ["--teacher", tiny_teacher, "--batch", 8, "--batch-gpu", 4, "--steps", 3, "--log-every", 3,
+            "--val-samples", 8]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TRAIN_PY.parent)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(wrapper), *map(str, args), "--outdir", str(tmp_path / "ddp")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_tensors(rank0, rank1)
+    assert run_train(*args, "--outdir", tmp_path / "one") == 0
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["train"]["G"]
+    assert_same_tensors(rank0, one, atol=1e-5)
+    ddp_log, one_log = log_lines(tmp_path / "ddp")[-1], log_lines(tmp_path / "one")[-1]
+    assert abs(ddp_log["l1"] - one_log["l1"]) < 1e-4 * one_log["l1"]  # metrics are reduced over ranks
+    assert abs(ddp_log["psnr_db"] - one_log["psnr_db"]) < 1e-3
+
+
+def wait_for(path, process, timeout=240):
+    deadline = time.time() + timeout
+    while not Path(path).exists():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def test_sigkill_after_a_checkpoint_then_resume(tiny_teacher, tmp_path):
+    out = tmp_path / "run"
+    process = train_subprocess("--teacher", tiny_teacher, *QUICK, "--log-every", 1, "--steps", 100000,
+                               "--outdir", out)
+    wait_for(out / "last.pt", process)
+    time.sleep(1.0)
+    process.kill()
+    process.communicate()
+    step = torch.load(out / "last.pt", weights_only=True)["train"]["step"]  # intact, whatever the moment
+    assert run_train("--resume", out / "last.pt", "--steps", step + 2) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["train"]["step"] == step + 2
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_writes_a_checkpoint_and_exits_0(tiny_teacher, tmp_path, signum):
+    out = tmp_path / "run"
+    process = train_subprocess("--teacher", tiny_teacher, *QUICK, "--log-every", 1000, "--steps", 100000,
+                               "--outdir", out)
+    wait_for(out / "grids", process)  # set up and training
+    time.sleep(2.0)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "stopped at step" in stdout
+    assert torch.load(out / "last.pt", weights_only=True)["train"]["step"] > 0
+
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error:") and err.count("\n") == 1, err
+    return err
+
+
+def test_bad_teachers_are_one_line_errors(tmp_path, capsys, tiny_teacher, ckpt_dir):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    tiny8 = tmp_path / "teacher8.pt"
+    msgan.save(tiny8, generator=msgan.Generator(dict(arch="stylegan2", z_dim=8, w_dim=8, mapping_layers=1,
+                                                     channels=[16, 16])))
+    cases = {tmp_path / "missing.pt": "no such file", bad: "not a readable checkpoint", tiny8: "at least 16x16"}
+    for teacher, message in cases.items():
+        out = tmp_path / f"out-{teacher.stem}"
+        assert run_train("--teacher", teacher, *QUICK, "--steps", 1, "--outdir", out) == 1
+        assert message in one_line_error(capsys)
+        assert not (out / "last.pt").exists()
+    student = tmp_path / "student.pt"
+    msgan.save(student, generator=msgan.load(ckpt_dir / "official.pt"))  # a MobileStyleGAN file as teacher
+    assert run_train("--teacher", student, *QUICK, "--steps", 1, "--outdir", tmp_path / "o") == 1
+    assert "a MobileStyleGAN student, not a StyleGAN2 teacher" in one_line_error(capsys)
+
+
+def test_unwritable_outdir_and_an_existing_run_are_one_line_errors(tiny_teacher, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 1, "--outdir", a_file / "run") == 1
+    assert "not writable" in one_line_error(capsys)
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--outdir", tmp_path / "run") == 0
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--outdir", tmp_path / "run") == 1
+    assert "--resume" in one_line_error(capsys)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--log-every", 1, "--steps", 10, "--outdir", out,
+                     "--debug-nan", "l1@3") == 1
+    assert "non-finite l1 loss at step 3" in one_line_error(capsys)
+    assert torch.load(out / "last.pt", weights_only=True)["train"]["step"] == 3  # steps 0..2 completed
+
+
+def test_no_teacher_and_no_default_names_the_flag_and_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(msgan, "WEIGHTS_DIR", str(tmp_path))
+    assert run_train("--steps", 1, "--outdir", tmp_path / "run") == 2
+    assert "--teacher" in one_line_error(capsys)
+
+
+def test_help_documents_the_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_train("--help")
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--teacher", "--steps", "--batch", "--outdir", "--resume", "--vgg", "--mix-prob", "--trunc",
+                 "--compile", "--amp", "--seed", "--device", "--log-every"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--batch", "x"], ["--lr", "nan"], ["--trunc", "2"],
+                                  ["--aug-p", "-1"]])
+def test_bad_flag_values_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_train(*args)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_without_vgg_weights_the_perceptual_term_is_off_with_one_warning(tiny_teacher, tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--outdir", tmp_path / "run") == 0
+    out = capsys.readouterr().out
+    assert out.count("perceptual loss off") == 1
+    assert "perceptual" not in log_lines(tmp_path / "run")[-1]
+
+
+def test_perceptual_term_with_a_vgg_file(tiny_teacher, tmp_path, make_weights):
+    vgg_file = tmp_path / "vgg.pt"
+    torch.save(make_weights.make_state_dict(str(FID_REF / "vgg16_manifest.json"), FID_WEIGHTS_SEED), vgg_file)
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--vgg", vgg_file,
+                     "--outdir", tmp_path / "run") == 0
+    assert log_lines(tmp_path / "run")[-1]["perceptual"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py teacher: a StyleGAN2 teacher from a folder of images
+
+
+def write_test_images(folder):
+    """One image of every kind the loader must take, plus files it must skip."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "rgb.jpg")
+    Image.fromarray(rgb).save(folder / "rgb.webp")
+    rgba = np.dstack([rgb, np.full((40, 30), 0, np.uint8)])  # fully transparent: must come out white
+    Image.fromarray(rgba, "RGBA").save(folder / "clear.png")
+    Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8), "L").save(folder / "gray.png")
+    Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=8).save(folder / "palette.png")
+    Image.fromarray(np.full((16, 16), 65535, np.uint16)).save(folder / "white16.png")  # 16-bit: full scale
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_image_loader_takes_every_mode_and_skips_corrupt_files(tmp_path):
+    warnings_seen = []
+    images = train.load_image_folder(write_test_images(tmp_path / "data"), 16, warnings_seen.append)
+    assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8
+    names = ["clear.png", "gray.png", "palette.png", "rgb.jpg", "rgb.webp", "white16.png"]  # sorted, readable
+    by_name = dict(zip(names, images))
+    assert (by_name["clear.png"] == 255).all()      # transparency composited on white
+    assert (by_name["white16.png"] == 255).all()    # 16-bit scaled, not clipped
+    gray = by_name["gray.png"]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    assert len(warnings_seen) == 1 and "corrupt.png" in warnings_seen[0]
+
+
+def test_image_loader_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(train.TrainError, match="no readable image"):
+        train.load_image_folder(tmp_path / "empty", 16)
+    (tmp_path / "empty" / "bad.png").write_bytes(b"nope")
+    with pytest.raises(train.TrainError, match="no readable image"):
+        train.load_image_folder(tmp_path / "empty", 16, lambda message: None)
+    with pytest.raises(train.TrainError, match="no such folder"):
+        train.load_image_folder(tmp_path / "missing", 16)
+
+
+def test_teacher_training_runs_saves_loads_and_resumes(tmp_path, capsys):
+    data = write_test_images(tmp_path / "data")
+    out = tmp_path / "run"
+    common = ["teacher", "--data", data, "--res", 16, "--channels", "32,16,16", "--z-dim", 16, "--w-dim", 16,
+              "--batch", 4, "--log-every", 2, "--val-samples", 6, "--xflip", "--pl-weight", 2, "--pl-every", 2]
+    assert run_train(*common, "--steps", 4, "--outdir", out) == 0
+    printed = capsys.readouterr().out
+    assert "warning: skipping" in printed and "corrupt.png" in printed
+    logs = log_lines(out)
+    assert [r["step"] for r in logs] == [2, 4]
+    assert all(math.isfinite(v) for record in logs for v in record.values())
+    assert {"gan", "d", "r1", "pl", "swd_x1000", "aug_p"} <= set(logs[0])  # R1 on step 0 of every 16
+    G = msgan.load(out / "last.pt")
+    assert not G.is_student and G.img_resolution == 16 and torch.isfinite(G(torch.randn(2, 16))).all()
+    assert msgan.load(out / "last.pt", part="teacher").img_resolution == 16  # usable as a --teacher
+    assert msgan.load(out / "last.pt", part="discriminator").img_resolution == 16
+    assert run_train("teacher", "--data", data, "--resume", out / "last.pt", "--steps", 6) == 0
+    assert [r["step"] for r in log_lines(out)] == [2, 4, 6]
+    # and the trained teacher distils
+    assert run_train("--teacher", out / "last.pt", *QUICK, "--steps", 2, "--outdir", tmp_path / "student") == 0
+    assert msgan.load(tmp_path / "student" / "last.pt").is_student

@@ -18,6 +18,7 @@ export.py use it as it is; the rest of the file is what --resume needs.
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -42,14 +43,17 @@ SWD_PROJECTIONS = 512     # random directions of the sliced Wasserstein distance
 SWD_SEED = 0
 VAL_SEED = 123456         # fixed z / noise / reals of the validation set and the sample grids
 GRID_SAMPLES = 16         # images per panel of a grid
+ADA_INTERVAL = 4          # adaptive augmentation (ADA, Karras et al. 2020): steps between updates of p,
+ADA_KIMG = 100            # thousands of images over which p can move by 1,
+ADA_P_MAX = 0.8           # and its ceiling: above ~0.8 augmentations start to leak into the generator
 
 # Official MobileStyleGAN settings (configs/mobile_stylegan_ffhq.json, core/loss/*.py) and StyleGAN2's.
 DISTILL_DEFAULTS = dict(steps=6000, batch=16, lr=5e-4, d_lr=5e-4, betas=(0.9, 0.999), grad_clip=10.0,
-                        ema_kimg=2.0, r1=10.0, r1_every=16, r1_mode="replace", aug_p=0.5, mix_prob=0.0,
-                        log_every=500, val_samples=64)
+                        ema_kimg=2.0, r1=10.0, r1_every=16, r1_mode="replace", aug_p=0.5, ada_target=0.0,
+                        mix_prob=0.0, log_every=500, val_samples=64)
 TEACHER_DEFAULTS = dict(steps=50000, batch=32, lr=2e-3, d_lr=2e-3, betas=(0.0, 0.99), grad_clip=0.0,
-                        ema_kimg=10.0, r1=0.05, r1_every=16, r1_mode="add", aug_p=0.3, mix_prob=0.9,
-                        log_every=500, val_samples=256)
+                        ema_kimg=10.0, r1=0.01, r1_every=16, r1_mode="add", aug_p=0.0, ada_target=0.6,
+                        mix_prob=0.9, log_every=500, val_samples=256)
 # Only these may change when a run is resumed; everything else comes from the checkpoint.
 RESUME_OVERRIDES = ("steps", "outdir", "log_every", "device", "compile", "vgg", "data", "teacher", "resume")
 
@@ -154,7 +158,10 @@ def build_parser(mode):
     parser.add_argument("--r1-mode", choices=["replace", "add"], default=defaults["r1_mode"],
                         help="on R1 steps, R1 replaces the D loss (official MobileStyleGAN) or is added to it (StyleGAN2)")
     parser.add_argument("--aug-p", type=probability, default=defaults["aug_p"],
-                        help="probability of each augmentation (flip, affine, erase) per sample")
+                        help="probability of each augmentation (flip, affine, erase) per sample (the start "
+                        "value with --ada-target)")
+    parser.add_argument("--ada-target", type=probability, default=defaults["ada_target"],
+                        help="adapt --aug-p so that E[sign D(real)] stays at this value (ADA; 0 = fixed p)")
     parser.add_argument("--mix-prob", type=probability, default=defaults["mix_prob"], help="style-mixing probability")
     parser.add_argument("--log-every", type=positive_int, default=defaults["log_every"],
                         help="steps between logs, grids, validation and checkpoints")
@@ -396,7 +403,7 @@ def all_reduce(tensor, op=None):
     return tensor
 
 
-def draw_step(task, G, batch, args, generator=None):
+def draw_step(task, G, batch, args, aug_p, generator=None):
     """Everything random in one step, for the whole global batch (CPU tensors, sliced per chunk)."""
     num_ws = G.num_ws
     mixing = torch.rand(batch, generator=generator) < args.mix_prob
@@ -406,9 +413,9 @@ def draw_step(task, G, batch, args, generator=None):
         "z_mix": torch.randn(batch, G.z_dim, generator=generator),
         "mix_at": torch.where(mixing, crossover, torch.full_like(crossover, num_ws)),
         "noise": [torch.randn(batch, 1, r, r, generator=generator) for r in task.noise_resolutions],
-        "aug_g": msgan.augment_params(batch, args.aug_p, generator),
-        "aug_real": msgan.augment_params(batch, args.aug_p, generator),
-        "aug_fake": msgan.augment_params(batch, args.aug_p, generator),
+        "aug_g": msgan.augment_params(batch, aug_p, generator),
+        "aug_real": msgan.augment_params(batch, aug_p, generator),
+        "aug_fake": msgan.augment_params(batch, aug_p, generator),
     }
     reals = task.draw_reals(batch, generator)
     if reals is not None:
@@ -469,12 +476,16 @@ def sliced_wasserstein(a, b, projections=SWD_PROJECTIONS, seed=SWD_SEED):
 
 
 class Validator:
-    """Distillation: PSNR of the EMA student against the teacher (higher is better). Teacher training:
-    sliced Wasserstein distance x 1000 between EMA samples and real images, in pixels (lower is better).
-    Each rank evaluates its share of the fixed set; the figures are reduced over ranks."""
+    """Figures on a fixed validation set, reduced over ranks (each rank evaluates its share).
+
+    Distillation: "psnr_db", the mean PSNR of the EMA student against the teacher (higher is better; it
+    picks best.pt), and "val_distill", the l1 + l2 distillation loss on the same set. Teacher training:
+    "swd_x1000", the sliced Wasserstein distance x 1000 between EMA samples and real images, in pixels
+    (lower is better).
+    """
 
     def __init__(self, task, G, args, rank, world, device):
-        self.task, self.device = task, device
+        self.task, self.world = task, world
         z, noise = validation_inputs(task, G, args.val_samples)
         mine = slice(rank * len(z) // world, (rank + 1) * len(z) // world)
         self.z, self.noise = z[mine].to(device), [n[mine].to(device) for n in noise]
@@ -484,48 +495,47 @@ class Validator:
         if not self.distill:
             order = torch.randperm(len(task.images), generator=torch.Generator().manual_seed(VAL_SEED))
             self.reals = task.images[order[:args.val_samples]].float() / 127.5 - 1
-            self.world = world
 
+    @torch.no_grad()
     def run(self, G, batch):
-        with torch.no_grad():
-            fakes = torch.cat([G.synthesis(G.mapping(self.z[i:i + batch]),
-                                           noise=[n[i:i + batch] for n in self.noise]) for i in range(0, len(self.z), batch)])
-            if self.distill:
-                teacher = self.task.teacher
-                target = torch.cat([teacher.synthesis(teacher.mapping(self.z[i:i + batch]),
-                                                      noise=[n[i:i + batch] for n in self.noise])
-                                    for i in range(0, len(self.z), batch)])
-                total = all_reduce(torch.stack([psnr(fakes, target).sum(), torch.tensor(float(len(fakes)))]).cpu())
-                return (total[0] / total[1]).item()
+        figures, fakes = torch.zeros(3), []  # sums of per-sample PSNR and distillation loss, count
+        for i in range(0, len(self.z), batch):
+            ws = G.truncate(G.mapping(self.z[i:i + batch]), self.task.psi)  # the training distribution of w
+            noise = [n[i:i + batch] for n in self.noise]
+            if not self.distill:
+                fakes.append(G.synthesis(ws, noise=noise))
+                continue
+            img, freq = G.synthesis(ws, noise=noise, return_freq=True)
+            target = self.task.teacher.synthesis(ws, noise=noise)  # the same w: the student has the teacher's mapping
+            terms = msgan.distillation_loss(freq, target)
+            figures += torch.tensor([psnr(img, target).sum().item(), (terms["l1"] + terms["l2"]).item() * len(img),
+                                     len(img)])
+        if self.distill:
+            psnr_sum, loss_sum, count = all_reduce(figures).tolist()
+            return {"psnr_db": psnr_sum / count, "val_distill": loss_sum / count}
+        fakes = torch.cat(fakes)
         if self.world > 1:  # the distance needs every sample in one place
             gathered = [torch.empty_like(fakes) for _ in range(self.world)]
             dist.all_gather(gathered, fakes.contiguous())
             fakes = torch.cat(gathered)
         n = min(len(fakes), len(self.reals))
-        return 1000 * sliced_wasserstein(fakes[:n].flatten(1).cpu(), self.reals[:n].flatten(1))
+        return {"swd_x1000": 1000 * sliced_wasserstein(fakes[:n].flatten(1).cpu(), self.reals[:n].flatten(1))}
 
     @torch.no_grad()
-    def grid(self, panels, path):
-        """panels: list of Generators; one 4x4 grid each of the fixed grid samples, side by side."""
+    def grid(self, generators, path):
+        """One square grid of the fixed grid samples per generator, side by side, at the largest resolution."""
+        size = max(G.img_resolution for G in generators)
         tiles = []
-        for G in panels:
-            if isinstance(G, torch.Tensor):
-                img = G
-            else:
-                img = G.synthesis(G.mapping(self.grid_z), noise=self.grid_noise)
-            img = F.interpolate(img, size=panels_size(panels), mode="bilinear", align_corners=False) \
-                if img.shape[-1] != panels_size(panels) else img
+        for G in generators:
+            img = G.synthesis(G.mapping(self.grid_z), noise=self.grid_noise)
+            img = F.interpolate(img, size=size, mode="bilinear", align_corners=False) if img.shape[-1] != size else img
             rows = int(math.sqrt(len(img)))
             img = img[:rows * rows].reshape(rows, rows, *img.shape[1:])                 # [r, r, 3, H, W]
             tiles.append(img.permute(2, 0, 3, 1, 4).flatten(3, 4).flatten(1, 2))        # [3, r*H, r*W]
-        sep = torch.ones(3, tiles[0].shape[1], 2, device=tiles[0].device)
-        grid = torch.cat([t for tile in tiles for t in (tile, sep)][:-1], dim=2)
+        gap = torch.ones(3, tiles[0].shape[1], 2, device=tiles[0].device)              # a white line between
+        grid = torch.cat([t for tile in tiles for t in (tile, gap)][:-1], dim=2)
         array = (grid * 127.5 + 128).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
         save_png(Image.fromarray(array), path)
-
-
-def panels_size(panels):
-    return max(p.img_resolution if not isinstance(p, torch.Tensor) else p.shape[-1] for p in panels)
 
 
 def save_png(image, path):
@@ -595,7 +605,10 @@ def load_teacher(src, device):
     try:
         teacher = msgan.load(src, device=device, part="teacher")
     except (msgan.CheckpointError, msgan.DownloadError) as e:
-        raise TrainError(f"--teacher: {e}") from None
+        try:  # a file holding only a student has no "teacher" part: say what it is instead
+            teacher = msgan.load(src, device=device)
+        except (msgan.CheckpointError, msgan.DownloadError):
+            raise TrainError(f"--teacher: {e}") from None
     if teacher.is_student:
         raise TrainError(f"--teacher {src}: a MobileStyleGAN student, not a StyleGAN2 teacher")
     return teacher.requires_grad_(False)
@@ -650,12 +663,13 @@ def build_state(args, device, log):
         task.noise_resolutions = G.synthesis.noise_resolutions
     opt_g = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.d_lr, betas=args.betas)
-    state = dict(G=G, G_ema=G_ema, D=D, task=task, opt_g=opt_g, opt_d=opt_d, step=0, images_seen=0, best=None)
+    state = dict(G=G, G_ema=G_ema, D=D, task=task, opt_g=opt_g, opt_d=opt_d, step=0, images_seen=0, best=None,
+                 aug_p=args.aug_p)
     if resume is not None:
         train = resume["train"]
         opt_g.load_state_dict(train["opt_g"])
         opt_d.load_state_dict(train["opt_d"])
-        state.update(step=train["step"], images_seen=train["images_seen"], best=train["best"])
+        state.update(step=train["step"], images_seen=train["images_seen"], best=train["best"], aug_p=train["aug_p"])
         torch.set_rng_state(train["rng"])
         if "cuda_rng" in train and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(train["cuda_rng"])
@@ -702,10 +716,14 @@ def discriminator_phase(run, pairs, step):
         losses = {}
         with run.sync(run.D_train, k), run.autocast():
             if not (r1_step and args.r1_mode == "replace"):
-                losses["d"] = msgan.d_logistic_loss(run.D_train(msgan.augment(real, chunk["aug_real"])),
-                                                    run.D_train(msgan.augment(fake, chunk["aug_fake"])))
+                real_logits = run.D_train(msgan.augment(real, chunk["aug_real"]))
+                losses["d"] = msgan.d_logistic_loss(real_logits, run.D_train(msgan.augment(fake, chunk["aug_fake"])))
+                run.ada_signs += torch.tensor([real_logits.detach().sign().sum().item(), len(real_logits)])
             if r1_step:
-                losses["r1"] = msgan.r1_penalty(run.D_train, real) * (args.r1 / 2 * args.r1_every)
+                # + 0 x every parameter: DDP waits for a gradient of each, and R1 gives none to D's last
+                # bias (it does not change dD/dx)
+                losses["r1"] = (msgan.r1_penalty(run.D_train, real) * (args.r1 / 2 * args.r1_every)
+                                + 0 * sum(p.sum() for p in run.D.parameters()))
             check_finite(losses, step, run.poison)
             (sum(losses.values()) / len(pairs)).backward()
         run.record(losses)
@@ -714,15 +732,17 @@ def discriminator_phase(run, pairs, step):
     run.opt_d.step()
 
 
-def train(args, log=print):
+def train(args, log=functools.partial(print, flush=True)):
     """Run (or continue) training to args.steps; returns the Run."""
-    run = Run(args, log)
-    with StopFlag() as stop:
+    with StopFlag() as stop:  # from the start: a signal during set-up stops after the first step
+        run = Run(args, log)
         while run.step < args.steps:
-            inputs = draw_step(run.task, run.G, args.batch, args)
+            inputs = draw_step(run.task, run.G, args.batch, args, run.aug_p)
             pairs = generator_phase(run, inputs, run.step)
             discriminator_phase(run, pairs, run.step)
             run.images_seen += args.batch
+            if args.ada_target > 0 and (run.step + 1) % ADA_INTERVAL == 0:
+                run.adapt_augmentation()
             # EMA half-life of ema_kimg thousand images, ramped up over the first images (as NVIDIA's)
             half_life = min(args.ema_kimg * 1000, run.images_seen * 0.05)
             update_ema(run.G_ema, run.G, 0.5 ** (args.batch / max(half_life, 1e-8)))
@@ -771,6 +791,8 @@ class Run:
         self.G, self.G_ema, self.D, self.task = state["G"], state["G_ema"], state["D"], state["task"]
         self.opt_g, self.opt_d = state["opt_g"], state["opt_d"]
         self.step, self.images_seen, self.best = state["step"], state["images_seen"], state["best"]
+        self.aug_p = state["aug_p"]
+        self.ada_signs = torch.zeros(2)  # sum of sign(D(real)) and count since the last adaptation
         self.gen, self.D_train = maybe_compile(GeneratorPass(self.G), args.compile, self.say), self.D
         if self.world > 1:
             self.gen = nn.parallel.DistributedDataParallel(self.gen, broadcast_buffers=False)
@@ -790,6 +812,16 @@ class Run:
         """DDP gradient all-reduce only on the last accumulation round."""
         return module.no_sync() if self.world > 1 and k < len(self.chunks) - 1 else contextlib.nullcontext()
 
+    def adapt_augmentation(self):
+        """ADA: raise p while D is overconfident on reals (E[sign D(real)] above target), lower it otherwise."""
+        signs, count = all_reduce(self.ada_signs.clone()).tolist()
+        self.ada_signs.zero_()
+        if count:
+            rt = signs / count
+            step = self.args.batch * ADA_INTERVAL / (ADA_KIMG * 1000)
+            self.aug_p = min(max(self.aug_p + math.copysign(step, rt - self.args.ada_target), 0.0), ADA_P_MAX)
+            self.logged["ada_rt"] = self.logged.get("ada_rt", 0.0) + rt * ADA_INTERVAL  # per-step mean in the log
+
     def record(self, losses):
         for name, value in losses.items():
             self.logged[name] = self.logged.get(name, 0.0) + value.detach().float().item() / len(self.chunks)
@@ -805,12 +837,13 @@ class Run:
         rate = (self.images_seen - start_images) / max(elapsed, 1e-9)
         if args.mode == "teacher":
             self.G_ema.compute_w_avg()
-        val = self.validator.run(self.G_ema, self.batch_gpu)
+        figures = self.validator.run(self.G_ema, self.batch_gpu)
+        val = figures[self.validator.name]
         improved = self.best is None or (val > self.best if self.validator.higher_is_better else val < self.best)
         self.best = val if improved else self.best
         if self.is_main:
-            record = {"step": step, "images": self.images_seen, **line, self.validator.name: val,
-                      "lr": self.opt_g.param_groups[0]["lr"], "img_per_s": rate}
+            record = {"step": step, "images": self.images_seen, **line, **figures,
+                      "aug_p": self.aug_p, "lr": self.opt_g.param_groups[0]["lr"], "img_per_s": rate}
             with open(os.path.join(args.outdir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             panels = [self.task.teacher, self.G, self.G_ema] if args.mode == "distill" else [self.G, self.G_ema]
@@ -820,7 +853,8 @@ class Run:
                 self.save(os.path.join(args.outdir, "best.pt"))
             eta = (args.steps - step) * args.batch / max(rate, 1e-9)
             terms = "  ".join(f"{k} {v:.4g}" for k, v in line.items())
-            self.say(f"step {step}/{args.steps}  {terms}  {self.validator.name} {val:.3f}  "
+            shown = "  ".join(f"{k} {v:.3f}" for k, v in figures.items())
+            self.say(f"step {step}/{args.steps}  {terms}  {shown}  "
                      f"{rate:.1f} img/s  ETA {format_duration(eta)}")
         if dist.is_initialized():
             dist.barrier()
@@ -832,7 +866,7 @@ class Run:
         args = self.args
         train_state = {
             "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-            "step": self.step, "images_seen": self.images_seen, "best": self.best,
+            "step": self.step, "images_seen": self.images_seen, "best": self.best, "aug_p": self.aug_p,
             "G": self.G.state_dict(), "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "rng": torch.get_rng_state(),
         }
