@@ -46,6 +46,8 @@ GRID_SAMPLES = 16         # images per panel of a grid
 ADA_INTERVAL = 4          # adaptive augmentation (ADA, Karras et al. 2020): steps between updates of p,
 ADA_KIMG = 100            # thousands of images over which p can move by 1,
 ADA_P_MAX = 0.8           # and its ceiling: above ~0.8 augmentations start to leak into the generator
+EMA_RAMPUP = 0.05         # the EMA half-life is at most this fraction of the images seen so far (NVIDIA's)
+BENCH_WARMUP, BENCH_STEPS = 1, 4
 
 # Official MobileStyleGAN settings (configs/mobile_stylegan_ffhq.json, core/loss/*.py) and StyleGAN2's.
 DISTILL_DEFAULTS = dict(steps=6000, batch=16, lr=5e-4, d_lr=5e-4, betas=(0.9, 0.999), grad_clip=10.0,
@@ -732,21 +734,26 @@ def discriminator_phase(run, pairs, step):
     run.opt_d.step()
 
 
+def training_step(run):
+    """One optimiser step of G and D on a fresh global batch, then ADA and the EMA update."""
+    args = run.args
+    inputs = draw_step(run.task, run.G, args.batch, args, run.aug_p)
+    pairs = generator_phase(run, inputs, run.step)
+    discriminator_phase(run, pairs, run.step)
+    run.images_seen += args.batch
+    if args.ada_target > 0 and (run.step + 1) % ADA_INTERVAL == 0:
+        run.adapt_augmentation()
+    half_life = min(args.ema_kimg * 1000, run.images_seen * EMA_RAMPUP)
+    update_ema(run.G_ema, run.G, 0.5 ** (args.batch / max(half_life, 1e-8)))
+    run.step += 1
+
+
 def train(args, log=functools.partial(print, flush=True)):
     """Run (or continue) training to args.steps; returns the Run."""
     with StopFlag() as stop:  # from the start: a signal during set-up stops after the first step
         run = Run(args, log)
         while run.step < args.steps:
-            inputs = draw_step(run.task, run.G, args.batch, args, run.aug_p)
-            pairs = generator_phase(run, inputs, run.step)
-            discriminator_phase(run, pairs, run.step)
-            run.images_seen += args.batch
-            if args.ada_target > 0 and (run.step + 1) % ADA_INTERVAL == 0:
-                run.adapt_augmentation()
-            # EMA half-life of ema_kimg thousand images, ramped up over the first images (as NVIDIA's)
-            half_life = min(args.ema_kimg * 1000, run.images_seen * 0.05)
-            update_ema(run.G_ema, run.G, 0.5 ** (args.batch / max(half_life, 1e-8)))
-            run.step += 1
+            training_step(run)
             stopping = all_reduce(torch.tensor(float(stop.requested))).item() > 0
             if run.step % args.log_every == 0 or run.step == args.steps or stopping:
                 run.report()
@@ -879,6 +886,43 @@ class Run:
                    source=f"train.py {args.mode}, step {self.step}")
 
 
+def benchmark(log=functools.partial(print, flush=True)):
+    """`python train.py bench`: training throughput on this machine, img/s after a warm-up step.
+
+    Distillation with the full official loss (a VGG16 of random weights: the same work as the real one)
+    from random teachers: the emoji teacher's geometry at 32x32 and StyleGAN2's (rosinality, channel
+    multiplier 2) at 256x256; teacher training at 32x32 in the emoji geometry on random images.
+    """
+    cases = [("distill", 32, [256, 128, 64, 32], 16), ("distill", 256, msgan.default_channels(256), 4),
+             ("teacher", 32, [256, 128, 64, 32], 32)]
+    log(f"{'mode':8} {'res':>4}  {'teacher widths':28} {'batch':>5}  {'img/s':>7}   ({torch.get_num_threads()} threads)")
+    with tempfile.TemporaryDirectory() as tmp:
+        vgg = os.path.join(tmp, "vgg16_random.pt")
+        torch.save(fid.VGG16().state_dict(), vgg)
+        data = os.path.join(tmp, "data")
+        os.makedirs(data)
+        for i in range(BENCH_STEPS * 8):
+            Image.fromarray(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy()).save(f"{data}/{i}.png")
+        for mode, res, channels, batch in cases:
+            common = ["--steps", "1000000", "--batch", str(batch), "--outdir", os.path.join(tmp, f"{mode}{res}")]
+            if mode == "distill":
+                teacher = os.path.join(tmp, f"teacher{res}.pt")
+                msgan.save(teacher, generator=msgan.Generator(dict(arch="stylegan2", z_dim=512, w_dim=512,
+                                                                   mapping_layers=8, channels=channels)))
+                args, _ = parse_args(["--teacher", teacher, "--vgg", vgg, *common])
+            else:
+                args, _ = parse_args(["teacher", "--data", data, "--res", str(res),
+                                      "--channels", ",".join(map(str, channels)), *common])
+            run = Run(args, log=lambda *a, **k: None)
+            for _ in range(BENCH_WARMUP):
+                training_step(run)
+            start = time.perf_counter()
+            for _ in range(BENCH_STEPS):
+                training_step(run)
+            rate = BENCH_STEPS * batch / (time.perf_counter() - start)
+            log(f"{mode:8} {res:>4}  {','.join(map(str, channels)):28} {batch:>5}  {rate:7.2f}")
+
+
 def format_duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -886,7 +930,10 @@ def format_duration(seconds):
 
 def main(argv=None):
     try:
-        args, parser = parse_args(argv)
+        if (sys.argv[1:] if argv is None else list(argv))[:1] == ["bench"]:
+            benchmark()
+            return 0
+        args, _ = parse_args(argv)
         if args.outdir is None:
             args.outdir = os.path.join("runs", f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
         train(args)
