@@ -23,6 +23,7 @@ from PIL import Image
 
 import msgan
 
+PEAK_TO_PEAK = 2.0       # images span [-1, 1]: the PSNR peak
 GRID_TILE = 256          # grid tiles are downscaled to at most this many pixels
 GIF_SIZE = 256           # GIF frames, pixels
 GIF_FRAME_MS = 40        # 25 frames per second
@@ -100,7 +101,8 @@ class Progress:
 
 @torch.no_grad()
 def generate(G, seeds, psi, noise_mode, batch, device, teacher=None, progress=None):
-    """Yield (seed, image [H, W, 3] uint8) in seed order; with a teacher, teacher | student side by side."""
+    """Yield (seed, image [H, W, 3] uint8, PSNR or None) in seed order. With a teacher: teacher | student
+    side by side, and the student's PSNR in dB against the teacher (images clamped to [-1, 1])."""
     for start in range(0, len(seeds), batch):
         chunk = seeds[start:start + batch]
         # the teacher's (longer) noise list also feeds the student, which takes the maps it has
@@ -110,13 +112,16 @@ def generate(G, seeds, psi, noise_mode, batch, device, teacher=None, progress=No
             noise = teacher.synthesis.resolve_noise(len(chunk), None, "const", device)
         w = G.mapping(z)
         img = G.synthesis(G.truncate(w, psi), noise=noise, noise_mode=noise_mode)
+        psnr = [None] * len(chunk)
         if teacher is not None:
             ref = teacher.synthesis(teacher.truncate(teacher.mapping(z), psi), noise=noise, noise_mode=noise_mode)
             img = F.interpolate(img, size=ref.shape[-2:], mode="bilinear", align_corners=False) \
                 if img.shape[-1] != ref.shape[-1] else img
+            mse = (img.clamp(-1, 1) - ref.clamp(-1, 1)).pow(2).flatten(1).mean(1)
+            psnr = (10 * torch.log10(PEAK_TO_PEAK**2 / mse.clamp(min=1e-10))).tolist()
             img = torch.cat([ref, img], dim=3)
-        for seed, array in zip(chunk, to_uint8(img)):
-            yield seed, array
+        for seed, array, value in zip(chunk, to_uint8(img), psnr):
+            yield seed, array, value
         if progress:
             progress.update(start + len(chunk))
 
@@ -193,11 +198,16 @@ def main(argv=None):
             return 0
         images = []
         progress = Progress(len(seeds), "images")
-        for seed, array in generate(G, seeds, args.trunc, args.noise_mode, args.batch, device, teacher, progress):
+        psnrs = []
+        for seed, array, psnr in generate(G, seeds, args.trunc, args.noise_mode, args.batch, device, teacher, progress):
             save_image(array, os.path.join(args.outdir, f"seed{seed:04d}.png"))
             images.append(array)
+            psnrs.append(psnr)
         save_image(make_grid(images), os.path.join(args.outdir, "grid.jpg"), quality=90)
         print(f"wrote {len(images)} images and grid.jpg to {os.path.abspath(args.outdir)}")
+        if teacher is not None:
+            print(f"student vs teacher: PSNR {statistics.mean(psnrs):.2f} dB (mean of {len(psnrs)} images, "
+                  f"min {min(psnrs):.2f})")
     except (msgan.CheckpointError, msgan.DownloadError, ValueError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 1

@@ -648,11 +648,16 @@ def test_sample_random_noise_is_seeded_per_image(ckpt_dir, tmp_path):
     assert not np.array_equal(png(tmp_path / "a" / "seed0002.png"), png(tmp_path / "const" / "seed0002.png"))
 
 
-def test_sample_compare_writes_teacher_student_pairs(ckpt_dir, tmp_path):
+def test_sample_compare_writes_teacher_student_pairs_and_psnr(ckpt_dir, tmp_path, capsys):
     assert run_sample("--model", ckpt_dir / "official.pt", "--compare", ckpt_dir / "rosinality.pt",
                       "--seeds", "7", "--outdir", tmp_path) == 0
     pair = png(tmp_path / "seed0007.png")
     assert pair.shape == (64, 128, 3)  # teacher | student
+    assert re.search(r"student vs teacher: PSNR [\d.]+ dB \(mean of 1 images", capsys.readouterr().out)
+    # a model compared with itself: zero error, the ceiling 10 log10(2² / 1e-10) dB
+    assert run_sample("--model", ckpt_dir / "rosinality.pt", "--compare", ckpt_dir / "rosinality.pt",
+                      "--seeds", "0-1", "--outdir", tmp_path / "same") == 0
+    assert "PSNR 106.02 dB" in capsys.readouterr().out
 
 
 def test_sample_interpolate_writes_a_looping_gif(ckpt_dir, tmp_path):

@@ -47,7 +47,7 @@ ADA_INTERVAL = 4          # adaptive augmentation (ADA, Karras et al. 2020): ste
 ADA_KIMG = 100            # thousands of images over which p can move by 1,
 ADA_P_MAX = 0.8           # and its ceiling: above ~0.8 augmentations start to leak into the generator
 EMA_RAMPUP = 0.05         # the EMA half-life is at most this fraction of the images seen so far (NVIDIA's)
-BENCH_WARMUP, BENCH_STEPS = 1, 4
+BENCH_WARMUP, BENCH_SECONDS = 1, 20  # benchmark: steps untimed, then timed steps until this many seconds
 
 # Official MobileStyleGAN settings (configs/mobile_stylegan_ffhq.json, core/loss/*.py) and StyleGAN2's.
 DISTILL_DEFAULTS = dict(steps=6000, batch=16, lr=5e-4, d_lr=5e-4, betas=(0.9, 0.999), grad_clip=10.0,
@@ -121,13 +121,16 @@ def build_parser(mode):
         parser.add_argument("--l2", type=nonnegative_float, default=1.0, help="weight of the pixel+wavelet L2 loss")
         parser.add_argument("--perceptual", type=nonnegative_float, default=1.0, help="weight of the VGG16 loss")
         parser.add_argument("--gan", type=nonnegative_float, default=0.5, help="weight of the GAN loss")
+        parser.add_argument("--perceptual-size", type=positive_int, default=msgan.PERCEPTUAL_SIZE,
+                            help="images are resized to this before VGG16 (official: 256)")
         parser.add_argument("--trunc", type=probability, default=1.0, help="truncation psi of the training w")
         parser.add_argument("--d-channels", type=channel_list, help="discriminator widths at R, R/2, ..., 4 "
                             "(default: the teacher's widths)")
     else:
         parser = argparse.ArgumentParser(prog="train.py teacher",
                                          description="Train a StyleGAN2 teacher on a folder of images.")
-        parser.add_argument("--data", required=True, help="folder of PNG/JPEG/WebP images (any size and mode)")
+        parser.add_argument("--data", help="folder of PNG/JPEG/WebP images (any size and mode); required "
+                            "unless resuming")
         parser.add_argument("--res", type=positive_int, default=32, help="training resolution (power of 2, >= 16)")
         parser.add_argument("--channels", type=channel_list, help="generator widths at 4, 8, ..., res "
                             "(default: see default_teacher_channels)")
@@ -190,9 +193,12 @@ def parse_args(argv):
         if ignored:
             print(f"train.py: resuming: ignoring --{', --'.join(k.replace('_', '-') for k in ignored)} "
                   "(the checkpoint's settings apply)", file=sys.stderr)
-        args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESUME_OVERRIDES if k in explicit},
-                                     "resume": args.resume})
+        defaults = vars(parser.parse_args([]))  # for flags newer than the run
+        args = argparse.Namespace(**{**defaults, **saved, "mode": mode, "resume": args.resume,
+                                     **{k: getattr(args, k) for k in RESUME_OVERRIDES if k in explicit}})
         args.outdir = args.outdir if "outdir" in explicit else os.path.dirname(os.path.abspath(args.resume))
+    if mode == "teacher" and not args.data:
+        parser.error("the following argument is required: --data")
     args.betas = tuple(args.betas)
     return args, parser
 
@@ -270,6 +276,8 @@ def student_for(teacher):
     student = msgan.Generator(config)
     student.mapping.load_state_dict(teacher.mapping.state_dict())
     student.w_avg.copy_(teacher.w_avg)
+    for i in range(len(student.synthesis.noise_resolutions)):  # "const" noise: the teacher's (a prefix of it)
+        getattr(student.synthesis.noise_const, str(i)).copy_(getattr(teacher.synthesis.noise_const, str(i)))
     student.mapping.requires_grad_(False)
     return student
 
@@ -342,7 +350,7 @@ class Distillation:
         terms = msgan.distillation_loss(freq, real)
         losses = {"l1": terms["l1"], "l2": terms["l2"]}
         if self.vgg is not None:
-            losses["perceptual"] = msgan.perceptual_loss(img, real, self.vgg)
+            losses["perceptual"] = msgan.perceptual_loss(img, real, self.vgg, self.args.perceptual_size)
         return img, real, losses
 
     def weights(self):
@@ -893,34 +901,40 @@ def benchmark(log=functools.partial(print, flush=True)):
     from random teachers: the emoji teacher's geometry at 32x32 and StyleGAN2's (rosinality, channel
     multiplier 2) at 256x256; teacher training at 32x32 in the emoji geometry on random images.
     """
-    cases = [("distill", 32, [256, 128, 64, 32], 16), ("distill", 256, msgan.default_channels(256), 4),
-             ("teacher", 32, [256, 128, 64, 32], 32)]
-    log(f"{'mode':8} {'res':>4}  {'teacher widths':28} {'batch':>5}  {'img/s':>7}   ({torch.get_num_threads()} threads)")
+    emoji, stylegan2_256 = [256, 128, 64, 32], msgan.default_channels(256)
+    cases = [("distill", 32, emoji, 16, False), ("distill", 32, emoji, 16, True),
+             ("distill", 256, stylegan2_256, 4, False), ("distill", 256, stylegan2_256, 4, True),
+             ("teacher", 32, emoji, 32, False)]
+    log(f"{'mode':8} {'res':>4}  {'teacher widths':28} {'batch':>5}  {'perceptual':>10}  {'img/s':>7}"
+        f"   ({torch.get_num_threads()} threads)")
     with tempfile.TemporaryDirectory() as tmp:
         vgg = os.path.join(tmp, "vgg16_random.pt")
         torch.save(fid.VGG16().state_dict(), vgg)
         data = os.path.join(tmp, "data")
         os.makedirs(data)
-        for i in range(BENCH_STEPS * 8):
+        for i in range(64):
             Image.fromarray(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy()).save(f"{data}/{i}.png")
-        for mode, res, channels, batch in cases:
+        for mode, res, channels, batch, perceptual in cases:
             common = ["--steps", "1000000", "--batch", str(batch), "--outdir", os.path.join(tmp, f"{mode}{res}")]
             if mode == "distill":
                 teacher = os.path.join(tmp, f"teacher{res}.pt")
                 msgan.save(teacher, generator=msgan.Generator(dict(arch="stylegan2", z_dim=512, w_dim=512,
                                                                    mapping_layers=8, channels=channels)))
-                args, _ = parse_args(["--teacher", teacher, "--vgg", vgg, *common])
+                args, _ = parse_args(["--teacher", teacher, "--vgg", vgg, "--perceptual", str(float(perceptual)),
+                                      *common])
             else:
                 args, _ = parse_args(["teacher", "--data", data, "--res", str(res),
                                       "--channels", ",".join(map(str, channels)), *common])
             run = Run(args, log=lambda *a, **k: None)
             for _ in range(BENCH_WARMUP):
                 training_step(run)
-            start = time.perf_counter()
-            for _ in range(BENCH_STEPS):
+            start, steps = time.perf_counter(), 0
+            while steps < 2 or time.perf_counter() - start < BENCH_SECONDS:
                 training_step(run)
-            rate = BENCH_STEPS * batch / (time.perf_counter() - start)
-            log(f"{mode:8} {res:>4}  {','.join(map(str, channels)):28} {batch:>5}  {rate:7.2f}")
+                steps += 1
+            rate = steps * batch / (time.perf_counter() - start)
+            shown = ("yes" if perceptual else "no") if mode == "distill" else "-"
+            log(f"{mode:8} {res:>4}  {','.join(map(str, channels)):28} {batch:>5}  {shown:>10}  {rate:7.2f}")
 
 
 def format_duration(seconds):
