@@ -166,7 +166,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=positive_int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--outdir", default="out")
-    parser.add_argument("--compare", metavar="TEACHER", help="also run this teacher: writes teacher | student pairs")
+    parser.add_argument("--compare", metavar="TEACHER",
+                        help="also run this file's StyleGAN2 teacher: writes teacher | student pairs, prints the PSNR")
     parser.add_argument("--interpolate", action="store_true", help="write a looping GIF through the seeds")
     parser.add_argument("--frames", type=positive_int, default=24, help="GIF frames per seed transition")
     parser.add_argument("--bench", action="store_true", help="print median ms/image and exit")
@@ -182,7 +183,7 @@ def main(argv=None):
         parser.error(f"--device {args.device}: {str(e).splitlines()[0]}")
     try:
         G = msgan.load(args.model, device=device).fold()
-        teacher = msgan.load(args.compare, device=device) if args.compare else None
+        teacher = msgan.load(args.compare, device=device, part="teacher") if args.compare else None
         if teacher is not None and teacher.z_dim != G.z_dim:
             raise ValueError(f"--compare: teacher z_dim {teacher.z_dim} != model z_dim {G.z_dim}")
         if args.bench:

@@ -1957,3 +1957,16 @@ def test_teacher_training_runs_saves_loads_and_resumes(tmp_path, capsys):
     # and the trained teacher distils
     assert run_train("--teacher", out / "last.pt", *QUICK, "--steps", 2, "--outdir", tmp_path / "student") == 0
     assert msgan.load(tmp_path / "student" / "last.pt").is_student
+
+
+def test_amp_needs_cuda_and_compile_falls_back_with_one_warning(tiny_teacher, tmp_path, capsys, monkeypatch):
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 1, "--amp", "bf16", "--device", "cpu",
+                     "--outdir", tmp_path / "amp") == 1
+    assert "needs a CUDA device" in one_line_error(capsys)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no working C++ compiler")
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--compile", "--outdir", tmp_path / "c") == 0
+    out = capsys.readouterr().out
+    assert out.count("--compile unavailable (RuntimeError: no working C++ compiler); running eager") == 1
