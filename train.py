@@ -4,6 +4,7 @@
     python train.py --teacher CKPT --steps 20000           # distil any StyleGAN2 checkpoint msgan.load reads
     python train.py teacher --data DIR --res 32            # train a StyleGAN2 teacher on a folder of images
     python train.py --resume runs/RUN/last.pt              # continue a run exactly where it stopped
+    python train.py bench                                  # training throughput (img/s) on this machine
     torchrun --standalone --nproc_per_node=2 train.py ...  # the same, data parallel (DDP) over processes
 
 One loop serves both modes (see `train`). Every step draws all the randomness of its global batch up front
@@ -26,8 +27,8 @@ import signal
 import sys
 import tempfile
 import time
-import warnings
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -69,7 +70,7 @@ class UsageError(TrainError):
 
 
 class NonFiniteLoss(TrainError):
-    pass
+    """A loss term became NaN or infinite; the run stops before the bad step touches any checkpoint."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,8 +223,8 @@ def read_training_image(path, res):
     with Image.open(path) as im:
         im.load()
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits (PIL would clip at 255)
-            array = torch.from_numpy(__import__("numpy").asarray(im, dtype="float32"))
-            im = Image.fromarray((array * (255 / 65535)).round().clamp(0, 255).byte().numpy(), "L")
+            array = np.asarray(im, dtype=np.float32) * (255 / 65535)
+            im = Image.fromarray(array.round().clip(0, 255).astype(np.uint8), "L")
         if im.mode in ("P", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
             im = im.convert("RGBA")
         if im.mode == "RGBA":
@@ -233,7 +234,7 @@ def read_training_image(path, res):
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
         im = im.crop((left, top, left + side, top + side)).resize((res, res), Image.LANCZOS)
-        return torch.from_numpy(__import__("numpy").array(im)).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
 
 
 def load_image_folder(folder, res, log=print):
@@ -321,11 +322,6 @@ def maybe_compile(module, enabled, log):
 def update_ema(ema, model, beta):
     for p_ema, p in zip(ema.parameters(), model.parameters()):
         p_ema.lerp_(p, 1 - beta)
-
-
-def set_requires_grad(module, flag):
-    for p in module.parameters():
-        p.requires_grad_(flag)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -696,7 +692,7 @@ def generator_phase(run, inputs, step):
     """The mode's own losses plus the GAN term through a frozen D, over this rank's chunks.
     Returns [(real, fake, chunk)] for the discriminator phase."""
     G, D, task, args = run.G, run.D, run.task, run.args
-    set_requires_grad(D, False)
+    D.requires_grad_(False)
     run.opt_g.zero_grad(set_to_none=True)
     pairs = []
     for k, (lo, hi) in enumerate(run.chunks):
@@ -719,7 +715,7 @@ def discriminator_phase(run, pairs, step):
     """Logistic loss on augmented real and fake images; lazy R1 on the real ones, which on R1 steps is
     added to the loss (StyleGAN2) or replaces it (official MobileStyleGAN), per --r1-mode."""
     args = run.args
-    set_requires_grad(run.D, True)
+    run.D.requires_grad_(True)
     run.opt_d.zero_grad(set_to_none=True)
     r1_step = args.r1 > 0 and step % args.r1_every == 0
     for k, (real, fake, chunk) in enumerate(pairs):
