@@ -689,7 +689,7 @@ def read_checkpoint(path):
     return ckpt
 
 
-TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")  # torch's framing
+TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
 
 
 def _read(path):
@@ -699,14 +699,15 @@ def _read(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # torch's weights-only unpickler, which never calls what a file names
-        # drop torch's framing, which suggests loading the file with weights_only=False
-        reason = [line for line in str(e).splitlines() if line.strip() and not line.startswith(TORCH_ADVICE)]
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found:
             raise CheckpointError(f"{path}: refused: it references {found[1]}, which only code could build, and "
                                   "msgan never runs code from a checkpoint (torch.load weights_only=True)") from None
+        # torch's own reason, without its framing (which suggests loading the file with weights_only=False)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if not line.startswith(TORCH_ADVICE)), "empty or truncated file")
         raise CheckpointError(f"{path}: not a readable checkpoint (UnpicklingError: "
-                              f"{(reason or ['empty or truncated file'])[0]})") from None
+                              f"{reason.split('WeightsUnpickler error:')[-1].strip()})") from None
     except Exception as e:  # truncated, corrupt, or not a torch file at all: torch raises many types
         raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
 
@@ -1114,10 +1115,13 @@ def _nvidia_modules(net, path, prefix="", ancestors=()):
     be a torch module's state (a pickle can still edit a dict after a record was made from it)."""
     for field, kind in (("_parameters", torch.Tensor), ("_buffers", torch.Tensor), ("_modules", NvidiaObject)):
         items = net.state.get(field)
-        if not (isinstance(items, dict) and all(isinstance(k, str) and (v is None or isinstance(v, kind))
-                                                for k, v in items.items())):
-            raise CheckpointError(f"{path}: NVIDIA {net.class_name} {prefix!r}: {field} is not a dict of "
-                                  f"{kind.__name__}s")
+        if not isinstance(items, dict):
+            raise CheckpointError(f"{path}: NVIDIA {net.class_name} {prefix!r}: {field} is not a dict")
+        for name, value in items.items():
+            if not (isinstance(name, str) and (value is None or isinstance(value, kind))):
+                key = prefix + name if isinstance(name, str) else prefix + _short(name)
+                raise CheckpointError(f"{path}: NVIDIA {net.class_name}: {key!r} is a {type(value).__name__}, "
+                                      f"not a {kind.__name__}")
     if not isinstance(net.state.get("_non_persistent_buffers_set", set()), set) or net in ancestors:
         raise CheckpointError(f"{path}: NVIDIA {net.class_name} {prefix!r} is not a torch module's state")
     yield prefix, net
@@ -1279,10 +1283,13 @@ def _nvidia_discriminator(D, path):
         raise CheckpointError(f"{path}: D has the {'/'.join(architectures)!r} architecture: not supported, "
                               "msgan's discriminator is StyleGAN2's 'resnet' (NVIDIA's default)")
     mbstd = epilogue.child("mbstd")
-    if (mbstd is None or mbstd.attr("num_channels", path, numbers.Integral) != 1
-            or not isinstance(mbstd.attr("group_size", path, (numbers.Integral, type(None))), int)):
-        raise CheckpointError(f"{path}: D: only a minibatch-stddev layer with 1 channel and a fixed group size is "
-                              "supported")
+    if mbstd is None:
+        raise CheckpointError(f"{path}: D: an NVIDIA {D.class_name} without the minibatch-stddev layer b4.mbstd")
+    channels = mbstd.attr("num_channels", path, numbers.Integral)
+    group = mbstd.attr("group_size", path, (numbers.Integral, type(None)))
+    if channels != 1 or not isinstance(group, int) or group < 1:
+        raise CheckpointError(f"{path}: D: b4.mbstd has num_channels {channels} and group_size {group}: only 1 "
+                              "channel and a fixed group size are supported")
     _check_nvidia_source(D, path, "D")
     conv_clamp = _nvidia_conv_clamp(D, ("Conv2dLayer",), path, "D", skip="skip.")  # the skip convs are never clamped
 
@@ -1295,7 +1302,7 @@ def _nvidia_discriminator(D, path):
     file_keys = {}
     state = _rename(state, _nvidia_discriminator_rules(img_resolution), path, file_keys)
     return _discriminator_from_state(state, path, file_keys, conv_clamp=conv_clamp,
-                                     stddev_group=mbstd.state["group_size"])
+                                     stddev_group=group)
 
 
 def _from_nvidia(snapshot, path, part):
@@ -1596,7 +1603,7 @@ def _build(entry, path, part):
     else:
         _check_generator_config(config, path, part)
         make = functools.partial(Generator, config)
-    return _load_into(make, entry["state_dict"], path, part)
+    return _load_into(make, _tensors(entry["state_dict"], path, f"{part} state_dict"), path, part)
 
 
 def load(src, device="cpu", part="generator"):

@@ -6,21 +6,29 @@ temporary folder with torch.save and read back through msgan.load, exactly as a 
 
     python -m pytest -q test_msgan.py
 """
+import collections
+import errno
+import functools
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
 import pickle
 import pickletools
+import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
 import types
 import urllib.error
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -1564,6 +1572,480 @@ def test_sample_and_onnx_export_of_an_nvidia_pickle(tmp_path, capsys):
     _, w, _ = random_inputs(G, 3)
     with torch.no_grad():
         assert max_abs(session(synthesis).run(None, {"w": w.numpy()})[0], G.synthesis(w)) <= TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile inputs. A corpus of broken, malicious and absurd inputs, made here from the public golden data with a
+# fixed seed (no corpus file is committed), for every loader: msgan.load (msgan, rosinality, official and NVIDIA
+# files, every part they hold), the random-face wheel import, and fid.py's image folders and stats files.
+# The contract, for every case: the loader returns a working result (a float32 network with finite weights that
+# runs; images in [0, 1]; finite statistics), or raises its one error type with a one-line message that names the
+# file (and a key, where a tensor or config entry was edited), or skips the entry as documented. Never another
+# exception, and nothing in a file ever runs.
+
+CORPUS_SEED = 11
+LOADED, ERROR, SKIPPED = "loaded", "clean error", "skipped"
+CONVERTED = "loaded, with a warning that it converted tensors to float32"
+# run() loads path; an error must say one of `says` (a key name, ...); expect: the one outcome allowed, if any
+Case = collections.namedtuple("Case", "name path run says expect", defaults=(None, None))
+DROPPED = re.compile(r".*(kernel|idwt|device_info).*")  # fixed filters and bookkeeping: the converters drop them
+
+
+class Payload:
+    """Unpickling this runs code: builtins.exec, which creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def poke(t, rng, value):
+    """A copy of float tensor t with one random element set to value."""
+    t = t.clone()
+    t.view(-1)[rng.randrange(t.numel())] = value
+    return t
+
+
+TENSOR_EDITS = {  # edit of one tensor -> the loader refuses it, naming a key (or loads what it means, unharmed)
+    "NaN": lambda t, rng: poke(t, rng, float("nan")),
+    "inf": lambda t, rng: poke(t, rng, -float("inf")),
+    "float64 beyond float32": lambda t, rng: poke(t.double(), rng, 1e300),
+    "wrong size": lambda t, rng: torch.zeros(*t.shape[:-1], t.shape[-1] + 1) if t.ndim else torch.zeros(2),
+    "wrong rank": lambda t, rng: t[None, None],
+    "empty": lambda t, rng: torch.zeros(0),
+    "0-dim": lambda t, rng: torch.tensor(0.5),
+    "int64": lambda t, rng: t.long(),
+    "complex": lambda t, rng: t.to(torch.complex64),
+    "a string": lambda t, rng: "0.1 0.2 0.3",
+    "None": lambda t, rng: None,
+    "a list": lambda t, rng: t.tolist(),
+    "a dict": lambda t, rng: {"weight": t},
+}
+CONVERTED_EDITS = {  # another float precision: loads as float32, with a warning
+    "float64": lambda t: t.double(),
+    "float16": lambda t: t.half(),
+    "bfloat16": lambda t: t.bfloat16(),
+}
+KEY_EDITS = {  # edit of the dict around a key
+    "removed": lambda state, key: state.pop(key),
+    "renamed": lambda state, key: state.update({key + "_": state.pop(key)}),
+    "extra key": lambda state, key: state.update({key + ".extra": state[key]}),
+    "extra key with a newline": lambda state, key: state.update({key + "\nsecond line": state[key]}),
+}
+BYTE_EDITS = {  # edit of a file's bytes (the error, if any, need not name a key)
+    "8 bytes flipped": lambda data, rng: flip_bytes(data, rng, 8),
+    "1 byte flipped": lambda data, rng: flip_bytes(data, rng, 1),
+    "truncated": lambda data, rng: data[:rng.randrange(len(data))],
+    "first 64 bytes random": lambda data, rng: rng.randbytes(64) + data[64:],
+    "garbage appended": lambda data, rng: data + rng.randbytes(100_000),
+    "empty file": lambda data, rng: b"",
+}
+
+
+def flip_bytes(data, rng, count, start=0):
+    data = bytearray(data)
+    for _ in range(count):
+        data[rng.randrange(start, len(data))] ^= rng.randrange(1, 256)
+    return bytes(data)
+
+
+def numbered(folder, suffix):
+    """The next free file name in folder: 0000{suffix}, 0001{suffix}, ..."""
+    return folder / f"{len(list(folder.iterdir())):04d}{suffix}"
+
+
+def assert_working_network(net):
+    for key, value in net.state_dict().items():
+        assert value.dtype == torch.float32 and torch.isfinite(value).all(), key
+    with torch.no_grad():
+        if isinstance(net, msgan.Discriminator):
+            assert net(torch.zeros(1, 3, net.img_resolution, net.img_resolution)).shape == (1, 1)
+        else:
+            assert net(torch.zeros(1, net.z_dim)).shape == (1, 3, net.img_resolution, net.img_resolution)
+
+
+def outcome(case, error_types):
+    """LOADED, ERROR or SKIPPED; an AssertionError (or the escaped exception) if the case breaks the contract."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = case.run()
+        except error_types as e:
+            message = str(e)
+            assert "\n" not in message and str(case.path) in message, f"message {message!r}"
+            says = [case.says] if isinstance(case.says, str) else case.says or []
+            assert not says or any(s in message for s in says), f"message {message!r} names none of {says[:3]}"
+            return ERROR
+    if isinstance(result, torch.nn.Module):
+        assert_working_network(result)
+        converted = any("converted" in str(w.message) for w in caught)
+        assert converted == (case.expect == CONVERTED), f"converted: {converted}"  # never a silent dtype change
+    return SKIPPED if result is SKIPPED else LOADED
+
+
+def check_case(case, error_types):
+    result = outcome(case, error_types)
+    assert case.expect is None or result == case.expect or (result, case.expect) == (LOADED, CONVERTED), \
+        f"{result}, expected {case.expect}"
+    return result
+
+
+# --- msgan.load: torch files ---------------------------------------------------------------------
+
+
+def torch_sources(folder, ref, dref, student, teacher, D):
+    """(format, checkpoint, part, where its state dict is, the keys that part reads) for msgan.load. An error
+    may name a key as the file names it, or, for a missing one, as msgan names it."""
+    rosinality = {"g_ema": ref["rosinality"]["checkpoint"]["g_ema"], "latent_avg":
+                  ref["rosinality"]["checkpoint"]["latent_avg"], "d": dref["checkpoint"]["d"]}
+    official = ref["mobilestylegan"]["checkpoint"]
+    msgan.save(folder / "msgan.pt", generator=student, teacher=teacher, discriminator=D)
+    msgan_ckpt = torch.load(folder / "msgan.pt", weights_only=True)
+    official_keys = {part: [k for k in official["state_dict"] if k.startswith(prefixes)]
+                     for part, prefixes in (("generator", ("student.", "mapping_net.", "style_mean")),
+                                            ("teacher", ("synthesis_net.", "mapping_net.", "style_mean")))}
+    return [
+        ("rosinality", rosinality, "generator", ("g_ema",), list(rosinality["g_ema"]), teacher),
+        ("rosinality", rosinality, "discriminator", ("d",), list(rosinality["d"]), D),
+        ("official", official, "generator", ("state_dict",), official_keys["generator"], student),
+        ("official", official, "teacher", ("state_dict",), official_keys["teacher"], teacher),
+        *[("msgan", msgan_ckpt, part, (part, "state_dict"), list(msgan_ckpt[part]["state_dict"]), net)
+          for part, net in (("generator", student), ("teacher", teacher), ("discriminator", D))],
+    ]
+
+
+def edited(ckpt, where, edit):
+    """A copy of ckpt whose dict at ckpt[where[0]][where[1]]... went through edit(dict); the rest is shared."""
+    ckpt = dict(ckpt)
+    if where:
+        ckpt[where[0]] = edited(ckpt[where[0]], where[1:], edit)
+    else:
+        edit(ckpt)
+    return ckpt
+
+
+def torch_file_case(folder, name, ckpt, part, says, expect=None):
+    path = numbered(folder, ".pt")
+    torch.save(ckpt, path)
+    return Case(name, path, functools.partial(msgan.load, path, part=part), says, expect)
+
+
+def torch_file_corpus(folder, rng, sources, payload):
+    cases = []
+    for fmt, ckpt, part, where, keys, net in sources:
+        what, names = f"{fmt} {part}", keys + list(net.state_dict())
+        for edit_name, edit in TENSOR_EDITS.items():
+            for key in rng.sample(keys, 2):
+                new = edited(ckpt, where, lambda state: state.update({key: edit(state[key], rng)}))
+                cases.append(torch_file_case(folder, f"{what}: {key} {edit_name}", new, part, names))
+        used = [key for key in keys if not DROPPED.fullmatch(key)]
+        for edit_name, edit in CONVERTED_EDITS.items():
+            key = rng.choice(used)
+            new = edited(ckpt, where, lambda state: state.update({key: edit(state[key])}))
+            cases.append(torch_file_case(folder, f"{what}: {key} as {edit_name}", new, part, names, CONVERTED))
+        new = edited(ckpt, where, lambda state: state.update({k: CONVERTED_EDITS["float16"](v)
+                                                              for k, v in state.items()}))
+        cases.append(torch_file_case(folder, f"{what}: every tensor float16", new, part, names, CONVERTED))
+        for edit_name, edit in KEY_EDITS.items():
+            key = rng.choice(keys)
+            new = edited(ckpt, where, lambda state: edit(state, key))
+            cases.append(torch_file_case(folder, f"{what}: {key} {edit_name}", new, part, names))
+        new = edited(ckpt, where, lambda state: state.update({rng.choice(keys): payload}))
+        cases.append(torch_file_case(folder, f"{what}: a code payload for a tensor", new, part, "exec", ERROR))
+        new = edited(ckpt, where[:-1], lambda parent: parent.update({where[-1]: "not a dict"}))
+        cases.append(torch_file_case(folder, f"{what}: {where[-1]} is a string", new, part, where[-1], ERROR))
+    return cases
+
+
+MSGAN_CONFIG_EDITS = {  # msgan checkpoint: the config a network is built from
+    "generator": {"channels": [[], [0, 8], "512,512", [2**40] * 3, [8] * 40], "z_dim": [-1, 2**31, "512", 5.5],
+                  "mapping_layers": [10**9], "arch": ["stylegan3"], "conv_clamp": [float("nan"), -1.0],
+                  "folded": ["yes"]},
+    "teacher": {"w_dim": [None, 0, True], "conv_clamp": ["256"]},
+    "discriminator": {"img_resolution": [48, 2**40], "stddev_group": [0, -4, 2.5], "channels": [None]},
+}
+
+
+def msgan_config_corpus(folder, sources):
+    (_, ckpt, *_), = [s for s in sources if s[0] == "msgan" and s[2] == "generator"]
+    cases = []
+    for part, edits in MSGAN_CONFIG_EDITS.items():
+        for key, values in edits.items():
+            for value in values:
+                new = edited(ckpt, (part, "config"), lambda config: config.update({key: value}))
+                cases.append(torch_file_case(folder, f"msgan {part}: config {key} = {value!r}", new, part, key, ERROR))
+        new = edited(ckpt, (part,), lambda entry: entry.update(config="not a dict"))
+        cases.append(torch_file_case(folder, f"msgan {part}: config is a string", new, part, "config", ERROR))
+    for version in (2, "1", torch.ones(3)):
+        cases.append(torch_file_case(folder, f"msgan: version {version!r}", {**ckpt, "version": version},
+                                     "generator", "version", ERROR))
+    return cases
+
+
+def byte_corpus(folder, rng, files):
+    """Every BYTE_EDITS edit of each (file, part), three random variants of the random ones."""
+    cases = []
+    for source, part in files:
+        data = Path(source).read_bytes()
+        for edit_name, edit in BYTE_EDITS.items():
+            for variant in range(1 if edit_name in ("empty file", "garbage appended") else 3):
+                path = numbered(folder, Path(source).suffix)
+                path.write_bytes(edit(data, rng))
+                cases.append(Case(f"{Path(source).name} ({part}): {edit_name} #{variant}", path,
+                                  functools.partial(msgan.load, path, part=part)))
+    return cases
+
+
+# --- msgan.load: NVIDIA pickles --------------------------------------------------------------------
+
+
+def nvidia_tensor_slots(network):
+    """(record, field, name) of every tensor of an NVIDIA network, as in its state_dict (key prefix + name)."""
+    return [(prefix + name, module.state[field], name) for prefix, module in msgan._nvidia_modules(network, "")
+            for field in ("_parameters", "_buffers") for name, v in module.state[field].items() if v is not None]
+
+
+NVIDIA_ATTRIBUTE_EDITS = [  # (network, module key, attribute, value)
+    ("G_ema", "", "c_dim", "ten"), ("G_ema", "synthesis.b8", "architecture", 3),
+    ("G_ema", "synthesis.b8.conv0", "conv_clamp", "256"), ("G_ema", "synthesis.b8.conv0", "conv_clamp", float("nan")),
+    ("G_ema", "mapping.fc0", "bias_gain", None), ("G_ema", "mapping.fc1", "bias_gain", float("inf")),
+    ("D", "b4.mbstd", "group_size", 0), ("D", "b4.mbstd", "num_channels", "1"), ("D", "", "c_dim", [1]),
+]
+
+
+def nvidia_corpus(folder, rng, write, payload):
+    cases = []
+
+    def add(name, part, says, edit, expect=None):
+        snapshot = msgan.read_nvidia_pickle(NV_PKL)
+        edit(snapshot)
+        path = write(snapshot, numbered(folder, ".pkl"))
+        cases.append(Case(name, path, functools.partial(msgan.load, path, part=part), says, expect))
+
+    for network, part in (("G_ema", "generator"), ("D", "discriminator")):
+        keys = [key for key, _, _ in nvidia_tensor_slots(msgan.read_nvidia_pickle(NV_PKL)[network])]
+        names = keys + list(msgan.load(NV_PKL, part=part).state_dict())
+        edits = {**{name: (edit, None) for name, edit in TENSOR_EDITS.items()},
+                 **{name: (lambda t, rng, convert=convert: convert(t), CONVERTED)
+                    for name, convert in CONVERTED_EDITS.items()}}
+        for edit_name, (edit, expect) in edits.items():
+            key = rng.choice([k for k in keys if not k.endswith("resample_filter")])  # checked, not loaded
+
+            def change(snapshot, key=key, edit=edit):
+                (_, slots, name), = [s for s in nvidia_tensor_slots(snapshot[network]) if s[0] == key]
+                slots[name] = edit(slots[name], rng)
+            add(f"NVIDIA {network}: {key} {edit_name}", part, names, change, expect)
+        key = rng.choice(keys)
+
+        def remove(snapshot, key=key):
+            (_, slots, name), = [s for s in nvidia_tensor_slots(snapshot[network]) if s[0] == key]
+            del slots[name]
+        add(f"NVIDIA {network}: {key} removed", part, names, remove)
+        add(f"NVIDIA {network}: a code payload for the network", part, "exec",
+            lambda snapshot: snapshot.update({network: payload}), ERROR)
+    for network, module, attribute, value in NVIDIA_ATTRIBUTE_EDITS:
+        def change(snapshot, network=network, module=module, attribute=attribute, value=value):
+            dict(msgan._nvidia_modules(snapshot[network], ""))[module + "." if module else ""].state[attribute] = value
+        add(f"NVIDIA {network}: {module or network}.{attribute} = {value!r}",
+            "discriminator" if network == "D" else "generator", [attribute, module or attribute], change, ERROR)
+    return cases
+
+
+# --- the random-face wheel ----------------------------------------------------------------------
+
+
+def wheel_corpus(folder, rng, wheel):
+    """Damaged and edited copies of the random-face wheel, each read by msgan.import_random_face."""
+    data = Path(wheel).read_bytes()
+    copies = {
+        "truncated in the IR": data[:len(data) // 2],
+        "truncated at the end": data[:-100],
+        "bytes flipped in the IR": flip_bytes(data, rng, 4, start=len(data) // 10),
+        "empty file": b"",
+        "not a zip": b"<html>404 Not Found</html>",
+    }
+    cases = []
+    for name, content in copies.items():
+        path = folder / f"{len(cases)}-{msgan.RANDOM_FACE_WHEEL}"
+        path.write_bytes(content)
+        cases.append(Case(f"wheel: {name}", path, functools.partial(msgan.import_random_face, path)))
+    ir = "random_face/data/SynthesisNetwork.bin"
+    for name, replace in (("IR edited (one weight)", lambda member, content: flip_bytes(content, rng, 1)
+                           if member == ir else content),
+                          ("an IR file missing", lambda member, content: None if member == ir else content)):
+        path = folder / f"{len(cases)}-{msgan.RANDOM_FACE_WHEEL}"
+        with zipfile.ZipFile(wheel) as original, zipfile.ZipFile(path, "w") as tampered:  # stored: quick to write
+            for member in original.namelist():
+                content = replace(member, original.read(member))
+                if content is not None:
+                    tampered.writestr(member, content)
+        cases.append(Case(f"wheel: {name}", path, functools.partial(msgan.import_random_face, path), ir, ERROR))
+    return cases
+
+
+# --- fid.py: image folders and stats files --------------------------------------------------------
+
+
+def write_bomb(path, width, height):
+    """A PNG that declares width x height pixels (IHDR) and holds none: what a decompression bomb looks like to
+    PIL.Image.open, which must refuse it before decoding anything."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def rgb(size=16, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def write_animated(path):
+    frames = [rgb(seed=i) for i in range(3)]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+
+
+HOSTILE_IMAGES = {  # file name -> (writer, expected outcome, what the message says)
+    "cmyk.jpg": (lambda p: rgb().convert("CMYK").save(p), LOADED, None),
+    "palette.png": (lambda p: rgb().convert("P").save(p), LOADED, None),
+    "palette_transparency.png": (lambda p: rgb().convert("P").save(p, transparency=0), LOADED, None),
+    "gray_alpha.png": (lambda p: rgb().convert("LA").save(p), LOADED, None),
+    "one_bit.bmp": (lambda p: rgb().convert("1").save(p), LOADED, None),
+    "animated.png": (write_animated, LOADED, None),     # first frame, as pytorch-fid
+    "animated.webp": (write_animated, LOADED, None),
+    "thin.png": (lambda p: Image.new("RGB", (10_000, 1)).save(p), LOADED, None),
+    "gray16.png": (lambda p: Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(p), ERROR, "16-bit"),
+    "gray16.tif": (lambda p: Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(p), ERROR, "16-bit"),
+    "float.tif": (lambda p: Image.fromarray(np.ones((16, 16), np.float32)).save(p), ERROR, "float"),
+    "bomb.png": (lambda p: write_bomb(p, 100_000, 100_000), ERROR, "decompression bomb"),
+    "just_over_the_limit.png": (lambda p: write_bomb(p, 10_000, 10_000), ERROR, "decompression bomb"),
+    "zero_bytes.png": (lambda p: p.write_bytes(b""), ERROR, "cannot read image"),
+    "text.jpg": (lambda p: p.write_text("this is not an image"), ERROR, "cannot read image"),
+    "truncated.png": (lambda p: p.write_bytes(png_bytes()[:200]), ERROR, "cannot read image"),
+    "folder.png": (lambda p: p.mkdir(), SKIPPED, None),
+    "dangling_link.png": (lambda p: p.symlink_to(p.parent / "nowhere"), SKIPPED, None),
+    "UPPER.PNG": (lambda p: rgb().save(p, format="PNG"), SKIPPED, None),  # pytorch-fid's globs are case-sensitive
+}
+
+
+def png_bytes(image=None):
+    buffer = io.BytesIO()
+    (image or rgb(64)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_case(folder, name, write, says=None, expect=None):
+    """A folder with one good image and the hostile entry `name`, read as fid.py reads an image folder."""
+    folder.mkdir()
+    rgb(seed=1).save(folder / "good.png")
+    write(folder / name)
+
+    def run():
+        paths = fid.list_images(folder)
+        assert folder / "good.png" in paths
+        if folder / name not in paths:
+            return SKIPPED
+        for batch in fid.folder_batches(paths, 1):
+            assert batch.dtype == torch.float32 and 0 <= batch.min() and batch.max() <= 1
+        return LOADED
+    return Case(f"image folder: {name}", folder / name, run, says, expect)
+
+
+def image_corpus(folder, rng):
+    cases = [image_case(folder / f"named{i}", name, write, says, expect)
+             for i, (name, (write, expect, says)) in enumerate(HOSTILE_IMAGES.items())]
+    for fmt in ("png", "jpeg", "bmp", "tiff", "webp", "ppm"):
+        buffer = io.BytesIO()
+        rgb(64).save(buffer, format=fmt.upper())
+        for edit_name in ("8 bytes flipped", "1 byte flipped", "truncated", "first 64 bytes random"):
+            content = BYTE_EDITS[edit_name](buffer.getvalue(), rng)
+            name = f"{edit_name.replace(' ', '_')}.{fmt}"
+            cases.append(image_case(folder / f"{fmt}-{len(cases)}", name,
+                                    lambda p, content=content: p.write_bytes(content)))
+    return cases
+
+
+HOSTILE_STATS = {  # name -> (the arrays in the file (one: an .npy), what the error says; None: it loads)
+    "pytorch-fid's": (dict(mu=np.zeros(8), sigma=np.eye(8)), None),
+    "float32": (dict(mu=np.zeros(8, np.float32), sigma=np.eye(8, dtype=np.float32)), None),
+    "other keys": (dict(m=np.zeros(8), s=np.eye(8)), "'mu' and 'sigma'"),
+    "no sigma": (dict(mu=np.zeros(8)), "'mu' and 'sigma'"),
+    "mu 2-D": (dict(mu=np.zeros((8, 8)), sigma=np.eye(8)), "do not fit"),
+    "sigma not square": (dict(mu=np.zeros(8), sigma=np.zeros((8, 7))), "do not fit"),
+    "sizes differ": (dict(mu=np.zeros(8), sigma=np.eye(9)), "do not fit"),
+    "empty": (dict(mu=np.zeros(0), sigma=np.zeros((0, 0))), "do not fit"),
+    "strings": (dict(mu=np.array(["0"] * 8), sigma=np.eye(8)), "dtype"),
+    "complex": (dict(mu=np.zeros(8, np.complex128), sigma=np.eye(8)), "dtype"),
+    "NaN in mu": (dict(mu=np.full(8, np.nan), sigma=np.eye(8)), "NaN"),
+    "inf in sigma": (dict(mu=np.zeros(8), sigma=np.eye(8) * np.inf), "NaN or inf"),
+    "objects (a pickle)": (dict(mu=np.array([object()] * 8), sigma=np.eye(8)), "'mu' and 'sigma'"),
+    "a .npy, not an .npz": (np.zeros(8), "'mu' and 'sigma'"),
+}
+
+
+def load_stats_checked(path):
+    mu, sigma = fid.load_stats(path)
+    assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (len(mu), len(mu))
+    assert np.isfinite(mu).all() and np.isfinite(sigma).all()
+    return LOADED
+
+
+def write_stats(path, arrays):
+    with open(path, "wb") as f:  # a file object: numpy adds no suffix
+        if isinstance(arrays, dict):
+            np.savez(f, **arrays, allow_pickle=True)  # the writer allows object arrays; fid.py must refuse them
+        else:
+            np.save(f, arrays)
+    return path
+
+
+def stats_corpus(folder, rng):
+    cases = [Case(f"stats: {name}", write_stats(folder / f"{i}.npz", arrays),
+                  functools.partial(load_stats_checked, folder / f"{i}.npz"), says, LOADED if says is None else ERROR)
+             for i, (name, (arrays, says)) in enumerate(HOSTILE_STATS.items())]
+    good = (folder / "0.npz").read_bytes()
+    for edit_name, edit in BYTE_EDITS.items():
+        for variant in range(1 if edit_name in ("empty file", "garbage appended") else 3):
+            path = folder / f"{len(cases)}.npz"
+            path.write_bytes(edit(good, rng))
+            cases.append(Case(f"stats: {edit_name} #{variant}", path, functools.partial(load_stats_checked, path)))
+    return cases
+
+
+def test_hostile_corpus_every_loader_loads_or_gives_one_clear_error(tmp_path, ref, dref, student, teacher, D,
+                                                                     nvidia_pickler, capsys):
+    """At least 300 hostile inputs; the tally is printed. A case that breaks the contract is listed by name."""
+    rng = random.Random(CORPUS_SEED)
+    marker = tmp_path / "payload-ran"
+    folders = {name: tmp_path / name for name in ("torch", "bytes", "nvidia", "wheel", "images", "stats")}
+    for folder in folders.values():
+        folder.mkdir()
+    sources = torch_sources(tmp_path, ref, dref, student, teacher, D)
+    originals = [(tmp_path / "rosinality.pt", "generator"), (tmp_path / "official.pt", "teacher"),
+                 (tmp_path / "msgan.pt", "discriminator"), (NV_PKL, "generator")]
+    torch.save(sources[0][1], originals[0][0])
+    torch.save(sources[2][1], originals[1][0])
+    wheel = msgan.fetch_random_face_wheel(os.path.join(msgan.WEIGHTS_DIR, "cache"))
+    msgan_errors, fid_errors = (msgan.CheckpointError, msgan.DownloadError), fid.FIDError
+    corpus = [*[(case, msgan_errors) for case in [
+        *torch_file_corpus(folders["torch"], rng, sources, Payload(marker)),
+        *msgan_config_corpus(folders["torch"], sources),
+        *byte_corpus(folders["bytes"], rng, originals),
+        *nvidia_corpus(folders["nvidia"], rng, nvidia_pickler, Payload(marker)),
+        *wheel_corpus(folders["wheel"], rng, wheel)]],
+        *[(case, fid_errors) for case in [*image_corpus(folders["images"], rng), *stats_corpus(folders["stats"], rng)]]]
+    tally, broken = collections.Counter(), []
+    for case, errors in corpus:
+        try:
+            tally[check_case(case, errors)] += 1
+        except Exception as e:  # the contract is broken: go on, and list every such case at the end
+            broken.append(f"{case.name}: {type(e).__name__}: {str(e)[:300]}")
+    with capsys.disabled():
+        print(f"\nhostile corpus: {len(corpus)} cases: {tally[LOADED]} loaded, {tally[ERROR]} clean errors, "
+              f"{tally[SKIPPED]} skipped, {len(broken)} broke the contract")
+    assert not broken, f"{len(broken)} of {len(corpus)} cases broke the contract:\n" + "\n".join(broken)
+    assert len(corpus) >= 300 and not marker.exists()  # no payload ran
 
 
 # ----------------------------------------------------------------------------------------------
