@@ -393,7 +393,7 @@ def read_image(path):
                 rgb = np.array(im.convert("RGB"))
     except FIDError:
         raise
-    except Exception as e:  # PIL's decoders raise many types for a damaged file (OSError, SyntaxError, struct.error, ...)
+    except Exception as e:  # PIL's decoders raise many types for a damaged file (OSError, SyntaxError, ...)
         reason = (str(e).strip().splitlines() or ["empty or truncated file"])[0]
         raise FIDError(f"cannot read image {path}: {type(e).__name__}: {reason}") from None
     return torch.from_numpy(rgb).permute(2, 0, 1).float() / 255

@@ -929,7 +929,8 @@ def _from_official(ckpt, path, part):
     channels = [_shape(student, "conv1.conv.weight", 4, path, file_keys)[0]]
     while f"blocks.{len(channels) - 1}.conv2.conv.weight" in student:
         channels.append(_shape(student, f"blocks.{len(channels) - 1}.conv2.conv.weight", 4, path, file_keys)[0])
-    config = dict(arch="mobilestylegan", channels=channels, **_mapping_config(mapping, "style.", 1, path, mapping_names))
+    config = dict(arch="mobilestylegan", channels=channels,
+                  **_mapping_config(mapping, "style.", 1, path, mapping_names))
     file_keys = {f"synthesis.{k}": v for k, v in file_keys.items()}
     mapping = _rename(mapping, [MAPPING_RULE], path, file_keys)
     file_keys.update({k: mapping_names[v] for k, v in file_keys.items() if v in mapping_names})
@@ -978,12 +979,14 @@ class NvidiaObject:
         return self.state["_modules"].get(name)
 
     def attr(self, name, path, kind):
-        """An attribute its __init__ set, checked to be a `kind` (a type or tuple of types): a pickle can hold anything."""
+        """An attribute its __init__ set, checked to be a `kind` (a type or tuple of types, as for isinstance): a
+        pickle can hold anything there."""
         if name not in self.state:
             raise CheckpointError(f"{path}: NVIDIA {self.class_name} has no attribute {name!r}")
         if not isinstance(self.state[name], kind):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise CheckpointError(f"{path}: NVIDIA {self.class_name} attribute {name!r} is {_short(self.state[name])}, "
-                                  f"not a {kind.__name__ if isinstance(kind, type) else ' or '.join(k.__name__ for k in kind)}")
+                                  f"not a {names}")
         return self.state[name]
 
 
@@ -1154,7 +1157,8 @@ def _check_nvidia_source(net, path, what):
 
 def _nvidia_conv_clamp(net, class_names, path, what, skip=()):
     """The one conv_clamp of the layers of the given classes (None: no clamp), as a plain float."""
-    clamps = {module.attr("conv_clamp", path, (numbers.Real, type(None))) for prefix, module in _nvidia_modules(net, path)
+    clamps = {module.attr("conv_clamp", path, (numbers.Real, type(None)))
+              for prefix, module in _nvidia_modules(net, path)
               if module.class_name in class_names and not prefix.endswith(skip)}
     if len(clamps) != 1:
         raise CheckpointError(f"{path}: {what}: layers with different conv_clamp ({sorted(map(str, clamps))}): "
@@ -1486,7 +1490,8 @@ def import_random_face(wheel):
     state = {k: torch.zeros(v.shape) for k, v in template.state_dict().items()}  # absent: the non-final freq heads
     state.update(_import_mapping(mapping, template.w_dim))
     state["synthesis.const"] = ir.const("m.input.input")
-    convs = [("conv1", "conv1")] + [(f"layers.{i}.conv{j}", f"blocks.{i}.conv{j}") for i in range(blocks) for j in (1, 2)]
+    convs = [("conv1", "conv1")] + [(f"layers.{i}.conv{j}", f"blocks.{i}.conv{j}")
+                                    for i in range(blocks) for j in (1, 2)]
     for index, (official, ours) in enumerate(convs):
         state[f"synthesis.noise_const.{index}"] = _import_styled_conv(ir, official, f"synthesis.{ours}", state)
     for i in range(blocks):

@@ -92,7 +92,8 @@ def save_image(array, path, **kwargs):
     """Write atomically: a temp file in the same folder, then rename. A full disk or an interrupt leaves no
     half-written file; an OSError names `path`, not the temp file."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=os.path.splitext(path)[1])
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-",
+                                   suffix=os.path.splitext(path)[1])
     except OSError as e:
         raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)

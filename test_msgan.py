@@ -19,10 +19,12 @@ import pickle
 import pickletools
 import random
 import re
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import types
 import urllib.error
@@ -2046,6 +2048,326 @@ def test_hostile_corpus_every_loader_loads_or_gives_one_clear_error(tmp_path, re
               f"{tally[SKIPPED]} skipped, {len(broken)} broke the contract")
     assert not broken, f"{len(broken)} of {len(corpus)} cases broke the contract:\n" + "\n".join(broken)
     assert len(corpus) >= 300 and not marker.exists()  # no payload ran
+
+
+# --- the guarantees one by one, as readable examples -----------------------------------------------
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_torch_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path, ref, zip_format):
+    """A checkpoint with a __reduce__ payload (here builtins.exec, which would create a file): msgan.load refuses it
+    for every part without running it; torch.load(weights_only=False) on the same file runs it."""
+    marker, path = tmp_path / "ran", tmp_path / "ckpt.pt"
+    ckpt = {**ref["rosinality"]["checkpoint"], "args": Payload(marker)}
+    torch.save(ckpt, path, _use_new_zipfile_serialization=zip_format)
+    for part in ("generator", "teacher", "discriminator"):
+        with pytest.raises(msgan.CheckpointError, match=rf"^{re.escape(str(path))}: refused: it references exec"):
+            msgan.load(path, part=part)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_nan_and_integer_weights_are_refused_naming_the_key(tmp_path, ref):
+    g_ema = dict(ref["rosinality"]["checkpoint"]["g_ema"])
+    key = "convs.2.conv.weight"
+    torch.save({"g_ema": {**g_ema, key: poke(g_ema[key], random.Random(0), float("nan"))}}, tmp_path / "nan.pt")
+    with pytest.raises(msgan.CheckpointError, match=rf"nan\.pt: generator: key '{key}' holds non-finite values"):
+        msgan.load(tmp_path / "nan.pt")
+    torch.save({"g_ema": {**g_ema, key: g_ema[key].long()}}, tmp_path / "int.pt")
+    with pytest.raises(msgan.CheckpointError, match=rf"int\.pt: generator: key '{key}' is a torch.int64"):
+        msgan.load(tmp_path / "int.pt")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_float_precisions_load_as_float32_with_a_warning(tmp_path, ref, r, dtype):
+    """The dtype policy: float64/float16/bfloat16 tensors are converted to float32, and msgan.load says so."""
+    ckpt = ref["rosinality"]["checkpoint"]
+    torch.save({**ckpt, "g_ema": {k: v.to(dtype) for k, v in ckpt["g_ema"].items()}}, tmp_path / "other.pt")
+    name = str(dtype).removeprefix("torch.")
+    with pytest.warns(UserWarning, match=rf"other\.pt: generator: converted \d+ {name} tensors to float32"):
+        G = msgan.load(tmp_path / "other.pt")
+    assert all(v.dtype == torch.float32 for v in G.state_dict().values())
+    tol = {torch.float64: TOL, torch.float16: 0.05, torch.bfloat16: 0.2}[dtype]  # float16/bfloat16: ~3/~2 digits
+    with torch.no_grad():
+        assert_max_abs(G(r["z"]), r["img_z"], tol)
+
+
+def test_absurd_config_is_refused_before_anything_is_built(tmp_path, teacher):
+    """A msgan file whose config claims 2**16-wide layers: refused before a byte is allocated for them."""
+    msgan.save(tmp_path / "ok.pt", generator=teacher)
+    ckpt = torch.load(tmp_path / "ok.pt", weights_only=True)
+    ckpt["generator"]["config"]["channels"] = [2**16] * 9  # built for real: 2**32 * 9 floats per conv, ~1 TB
+    torch.save(ckpt, tmp_path / "huge.pt")
+    with pytest.raises(msgan.CheckpointError, match=r"huge\.pt: generator: key 'synthesis\.const' has shape"):
+        msgan.load(tmp_path / "huge.pt")
+
+
+def write_wheel(path, source, edit):
+    """A copy of the wheel `source` whose members go through edit(name, content) (None drops a member)."""
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(path, "w") as copy:
+        for name in original.namelist():
+            content = edit(name, original.read(name))
+            if content is not None:
+                copy.writestr(name, content)
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_face_wheel():
+    return msgan.fetch_random_face_wheel(os.path.join(msgan.WEIGHTS_DIR, "cache"))
+
+
+def test_damaged_or_edited_wheel_is_refused_and_the_error_says_what_to_do(tmp_path, random_face_wheel):
+    truncated = tmp_path / "truncated.whl"
+    truncated.write_bytes(Path(random_face_wheel).read_bytes()[:5_000_000])
+    ir = "random_face/data/MappingNetwork.bin"
+    edited_ir = write_wheel(tmp_path / "edited.whl", random_face_wheel,
+                            lambda name, content: content[:-4] + b"\0\0\0\0" if name == ir else content)
+    for wheel, says in ((truncated, "not an intact random-face wheel"), (edited_ir, f"{ir}: sha256 mismatch")):
+        with pytest.raises(msgan.DownloadError, match=re.escape(says)) as e:
+            msgan.import_random_face(wheel)
+        assert str(e.value).startswith(str(wheel)) and "delete it, and msgan.load('ffhq') downloads" in str(e.value)
+
+
+def test_edited_ir_is_refused_even_when_the_wheel_checksum_is_made_to_match(tmp_path, monkeypatch,
+                                                                            random_face_wheel):
+    """Defence in depth: with the wheel's own sha256 pin changed to the edited wheel's, the pinned sha256 of each
+    IR file still catches the edit, and nothing is written."""
+    offline(monkeypatch, tmp_path)
+    (tmp_path / "cache").mkdir()
+    ir = "random_face/data/SynthesisNetwork.xml"
+    wheel = write_wheel(tmp_path / "cache" / msgan.RANDOM_FACE_WHEEL, random_face_wheel,
+                        lambda name, content: content.replace(b"</net>", b"<!-- edited --></net>")
+                        if name == ir else content)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    monkeypatch.setitem(msgan.RANDOM_FACE_SHA256, msgan.RANDOM_FACE_WHEEL, digest)
+    with pytest.raises(msgan.DownloadError, match=f"{ir}: sha256 mismatch"):
+        msgan.load("ffhq")
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
+
+
+def write_then_fail(target, error=errno.ENOSPC):
+    """What a write does on a full disk: some bytes land in the file, then the write fails."""
+    if isinstance(target, (str, os.PathLike)):
+        with open(target, "ab") as f:
+            f.write(b"partial")
+    else:
+        target.write(b"partial")
+    raise OSError(error, os.strerror(error))
+
+
+def read_only(*args, **kwargs):
+    """What creating a file in a read-only folder does (root ignores chmod, so the tests patch the call)."""
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+
+@pytest.mark.parametrize("failure", ["full disk", "read-only"])
+def test_ffhq_import_into_a_full_or_read_only_weights_folder(tmp_path, monkeypatch, random_face_wheel, failure):
+    offline(monkeypatch, tmp_path)
+    (tmp_path / "cache").mkdir()
+    shutil.copy(random_face_wheel, tmp_path / "cache")
+    if failure == "full disk":
+        monkeypatch.setattr(torch, "save", lambda obj, f: write_then_fail(f))
+    else:
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(msgan.DownloadError, match=r"ffhq\.pt: cannot write the imported model .*MSGAN_WEIGHTS"):
+        msgan.load("ffhq")
+    assert sorted(os.listdir(tmp_path)) == ["cache"]  # no ffhq.pt, whole or partial
+
+
+def test_damaged_ffhq_file_says_how_to_redo_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(msgan, "WEIGHTS_DIR", str(tmp_path))
+    (tmp_path / "ffhq.pt").write_bytes(b"PK\x03\x04 half of a file")
+    with pytest.raises(msgan.CheckpointError, match=r"delete it, and msgan.load\('ffhq'\) imports it again$"):
+        msgan.load("ffhq")
+
+
+CONCURRENT_FIRST_USE = """
+import pathlib, sys, time
+import msgan
+me, other = map(pathlib.Path, sys.argv[1:])
+save = msgan.save
+
+def save_together(*args, **kwargs):  # both processes have imported the model: now both write weights/ffhq.pt
+    me.touch()
+    deadline = time.time() + 120
+    while not other.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    save(*args, **kwargs)
+
+msgan.save = save_together
+G = msgan.load("ffhq")
+print(G.img_resolution, G.w_avg.sum().item())
+"""
+
+
+def test_two_processes_doing_the_first_ffhq_load_at_once_both_succeed(tmp_path, random_face_wheel):
+    """Two processes load "ffhq" for the first time at once, the wheel already cached (no download). A barrier makes
+    both write weights/ffhq.pt at the same moment: both succeed, and one whole file is left, no temp file."""
+    weights = tmp_path / "weights"
+    (weights / "cache").mkdir(parents=True)
+    shutil.copy(random_face_wheel, weights / "cache")
+    env = {**os.environ, "MSGAN_WEIGHTS": str(weights), "OMP_NUM_THREADS": "1", "PIP_NO_INDEX": "1"}
+    processes = [subprocess.Popen([sys.executable, "-c", CONCURRENT_FIRST_USE, str(tmp_path / me),
+                                   str(tmp_path / other)], cwd=Path(__file__).resolve().parent, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for me, other in (("a", "b"), ("b", "a"))]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], [err for _, err in outputs]
+    assert outputs[0][0] == outputs[1][0] and outputs[0][0].startswith("1024 ")
+    assert sorted(os.listdir(weights)) == ["cache", "ffhq.pt"]
+    assert os.listdir(weights / "cache") == [msgan.RANDOM_FACE_WHEEL]
+    G = msgan.load(weights / "ffhq.pt")
+    assert f"{G.img_resolution} {G.w_avg.sum().item()}\n" == outputs[0][0]
+
+
+@pytest.mark.parametrize("name", HOSTILE_IMAGES)
+def test_fid_reads_or_refuses_each_odd_image(tmp_path, name):
+    write, expect, says = HOSTILE_IMAGES[name]
+    assert check_case(image_case(tmp_path / "folder", name, write, says, expect), fid.FIDError) == expect
+
+
+@pytest.mark.parametrize("name", HOSTILE_STATS)
+def test_fid_reads_or_refuses_each_odd_stats_file(tmp_path, name):
+    arrays, says = HOSTILE_STATS[name]
+    path = write_stats(tmp_path / "stats.npz", arrays)
+    case = Case(name, path, functools.partial(load_stats_checked, path), says, LOADED if says is None else ERROR)
+    assert check_case(case, fid.FIDError) == case.expect
+
+
+# --- the command lines: bad counts, seeds and psi; an unusable --outdir; Ctrl-C --------------------
+
+
+def run_script(script, argv, capsys):
+    """(exit status, stderr) of `python {script}.py *argv`, run in-process."""
+    try:
+        code = {"sample": sample.main, "export": export.main, "fid": fid.main}[script](list(map(str, argv)))
+    except SystemExit as e:
+        code = e.code
+    return code or 0, capsys.readouterr().err
+
+
+def assert_one_error_line(err, script):
+    """One error line, after argparse's usage (for a usage error) or the progress line (for a run)."""
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len([line for line in lines if "error:" in line or "interrupted" in line]) == 1, err
+    assert lines[-1].startswith((f"{script}.py: error: ", f"{script}.py: interrupted")), err
+
+
+FID_SOURCES = ["a", "b"]  # parsing stops before these are looked at
+CLI_USAGE_ERRORS = [  # (script, arguments): a usage error, exit 2
+    ("sample", ["-n", "-3"]), ("sample", ["-n", "0"]), ("sample", ["-n", "10000000000"]), ("sample", ["-n", "3.5"]),
+    ("sample", ["-n", "three"]), ("sample", ["--batch", "0"]), ("sample", ["--batch", "99999999999"]),
+    ("sample", ["--frames", "-1"]), ("sample", ["--interpolate", "--seeds", "0-99", "--frames", "100"]),
+    ("sample", ["--seeds", "5-2"]), ("sample", ["--seeds", "1,,2"]), ("sample", ["--seeds", "-4"]),
+    ("sample", ["--seeds", "0-99999999999"]), ("sample", ["--seeds", str(2**64)]), ("sample", ["--seed", "-1"]),
+    ("sample", ["--seed", str(2**64 - 1), "-n", "2"]),
+    ("sample", ["--trunc", "nan"]), ("sample", ["--trunc", "inf"]), ("sample", ["--trunc", "0.7x"]),
+    ("export", ["onnx", "--batch", "-1"]), ("export", ["onnx", "--batch", "0"]),
+    ("export", ["onnx", "--batch", "1000000000"]), ("export", ["onnx", "--batch", "two"]),
+    ("export", ["onnx", "--opset", "nan"]), ("export", ["onnx", "--opset", "99"]),
+    ("fid", [*FID_SOURCES, "--batch", "0"]), ("fid", [*FID_SOURCES, "--batch", "100000"]),
+    ("fid", [*FID_SOURCES, "--batch", "ten"]), ("fid", [*FID_SOURCES, "--kid-subsets", "-1"]),
+    ("fid", [*FID_SOURCES, "--kid-subset-size", "0"]), ("fid", [*FID_SOURCES, "--dims", "1000"]),
+    ("fid", ["--model", "m.pt", "--ref", "r", "-n", "-5"]), ("fid", ["--model", "m.pt", "--ref", "r", "-n", "1"]),
+    ("fid", ["--model", "m.pt", "--ref", "r", "-n", "10**12"]),
+    ("fid", ["--model", "m.pt", "--ref", "r", "-n", "1000000000000"]),
+    ("fid", ["--model", "m.pt", "--ref", "r", "--seed", "-1"]), ("fid", ["--model", "m.pt", "--ref", "r", "--psi", "nan"]),
+    ("fid", ["a", "--save-stats", "stats"]),
+]
+
+
+@pytest.mark.parametrize("script, argv", CLI_USAGE_ERRORS, ids=[" ".join([s, *a]) for s, a in CLI_USAGE_ERRORS])
+def test_cli_bad_count_seed_or_psi_is_a_usage_error(script, argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_script(script, argv, capsys)
+    assert code == 2 and "error:" in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+@pytest.fixture
+def fid_inputs(tmp_path, inception_file):
+    """Two small image folders and the synthetic Inception: a quick `fid.py` run."""
+    return [str(write_pngs(tmp_path / "a", 3, 16, seed=1)), str(write_pngs(tmp_path / "b", 3, 16, seed=2)),
+            "--inception", str(inception_file), "--dims", "64", "--device", "cpu"]
+
+
+def cli_run(script, ckpt_dir, fid_inputs, outdir):
+    """The arguments of a small real run of each script that writes into outdir."""
+    return {"sample": ["--model", ckpt_dir / "official.pt", "--seeds", "0-3", "--batch", "1", "--outdir", outdir],
+            "export": ["onnx", "--model", ckpt_dir / "official.pt", "--outdir", outdir],
+            "fid": [fid_inputs[0], "--save-stats", outdir / "stats.npz", *fid_inputs[2:]]}[script]
+
+
+CLI_FAILURES = {  # name -> (patch applied for the run, what the error line says)
+    "outdir is a file": (None, "File exists|Not a directory|not a directory"),
+    "read-only outdir": (lambda mp: [mp.setattr(tempfile, f, read_only) for f in ("mkstemp", "mkdtemp")],
+                         "Read-only file system"),
+    "disk full mid-run": (lambda mp: [mp.setattr(Image.Image, "save", lambda self, fp, *a, **k: write_then_fail(fp)),
+                                      mp.setattr(onnx, "save", lambda model, f, *a, **k: write_then_fail(f)),
+                                      mp.setattr(np, "savez_compressed", lambda f, **k: write_then_fail(f))],
+                          "No space left on device"),
+}
+
+
+@pytest.mark.parametrize("failure", CLI_FAILURES)
+@pytest.mark.parametrize("script", ["sample", "export", "fid"])
+def test_cli_unusable_outdir_is_one_line_exit_1_and_no_partial_file(script, failure, tmp_path, capsys, monkeypatch,
+                                                                     ckpt_dir, fid_inputs):
+    patch, says = CLI_FAILURES[failure]
+    outdir = tmp_path / "out"
+    if failure == "outdir is a file":
+        outdir.write_text("a file")
+        outdir = outdir / "sub" if script == "fid" else outdir
+    else:
+        outdir.mkdir()
+        patch(monkeypatch)
+    code, err = run_script(script, cli_run(script, ckpt_dir, fid_inputs, outdir), capsys)
+    assert code == 1 and re.search(says, err), err
+    assert_one_error_line(err, script)
+    if outdir.is_dir():
+        assert os.listdir(outdir) == []  # no temp file, no half-written output
+
+
+@pytest.mark.parametrize("script, where", [("sample", "Progress.update"), ("export", "check_parity"),
+                                           ("fid", "activations")])
+def test_cli_ctrl_c_in_the_middle_exits_130_and_leaves_no_partial_file(script, where, tmp_path, capsys, monkeypatch,
+                                                                       ckpt_dir, fid_inputs):
+    """Ctrl-C (a KeyboardInterrupt) halfway: after the first images, in the first parity check, or while Inception
+    runs. sample.py keeps the complete images it wrote; the others write all or nothing."""
+    module = {"sample": sample, "export": export, "fid": fid}[script]
+    owner, _, name = where.rpartition(".")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(getattr(module, owner) if owner else module, name, interrupt)
+    outdir = tmp_path / "out"
+    code, err = run_script(script, cli_run(script, ckpt_dir, fid_inputs, outdir), capsys)
+    assert code == 130
+    assert_one_error_line(err, script)
+    written = os.listdir(outdir) if outdir.is_dir() else []
+    assert written == (["seed0000.png"] if script == "sample" else [])
+    if written:
+        Image.open(outdir / written[0]).verify()
+
+
+def test_ctrl_c_stops_sample_py_with_130_and_no_partial_file(ckpt_dir, tmp_path):
+    """The real signal: SIGINT to `python sample.py` while it writes images."""
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "sample.py", "--model", ckpt_dir / "official.pt", "-n", "100000",
+                                "--batch", "1", "--outdir", out], cwd=Path(__file__).resolve().parent,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for(out / "seed0001.png", process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert_one_error_line(err, "sample")
+    assert not leftovers(out) and not (out / "grid.jpg").exists()
+    for png_file in out.iterdir():
+        Image.open(png_file).verify()  # every file there is whole
 
 
 # ----------------------------------------------------------------------------------------------
