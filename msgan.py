@@ -768,7 +768,7 @@ def _load_into(make, state, path, what, file_keys=None, own=()):
             raise CheckpointError(f"{path}: {what}: key {named(key, key)!r} holds non-finite values (NaN or inf)")
     if converted:
         counts = " and ".join(f"{n} {dtype}" for dtype, n in sorted(converted.items()))
-        warnings.warn(f"{path}: {what}: converted {counts} tensors to float32", stacklevel=2)
+        warnings.warn(f"{path}: {what}: converted {counts} tensors to float32")
     module = make()
     module.load_state_dict({**module.state_dict(), **loaded})
     return module
@@ -793,8 +793,8 @@ def _shape(state, key, ndim, path, file_keys=None):
 def _rename(state, rules, path, file_keys=None):
     """Rename keys by regex rules applied in order, each to the result of the previous ones.
 
-    A rule is (pattern, replacement) matched against the whole key; replacement None drops the key.
-    file_keys, when given, records new key -> original key.
+    A rule is (pattern, replacement) matched against the whole key; replacement None drops the key. Two keys
+    that end up with one name are an error. file_keys, when given, records new key -> original key.
     """
     out, origin = {}, {}
     for original, value in state.items():
@@ -865,7 +865,10 @@ def _from_rosinality(ckpt, path, names=None):
     state = _squeeze_layouts(_rename(state, ROSINALITY_RULES, path, file_keys))
     file_keys = {key: names.get(original, original) for key, original in file_keys.items()}
     if "latent_avg" in ckpt:
-        state["w_avg"] = _tensors({"latent_avg": ckpt["latent_avg"]}, path, "checkpoint")["latent_avg"].flatten()
+        if not isinstance(ckpt["latent_avg"], torch.Tensor):
+            raise CheckpointError(f"{path}: key {names.get('latent_avg', 'latent_avg')!r} is a "
+                                  f"{type(ckpt['latent_avg']).__name__}, not a tensor")
+        state["w_avg"] = ckpt["latent_avg"].flatten()
         file_keys["w_avg"] = names.get("latent_avg", "latent_avg")
     G = _load_into(lambda: Generator(config), state, path, "generator", file_keys, own=_generated(state, "w_avg"))
     if "latent_avg" not in ckpt:

@@ -1980,7 +1980,7 @@ HOSTILE_STATS = {  # name -> (the arrays in the file (one: an .npy), what the er
     "strings": (dict(mu=np.array(["0"] * 8), sigma=np.eye(8)), "dtype"),
     "complex": (dict(mu=np.zeros(8, np.complex128), sigma=np.eye(8)), "dtype"),
     "NaN in mu": (dict(mu=np.full(8, np.nan), sigma=np.eye(8)), "NaN"),
-    "inf in sigma": (dict(mu=np.zeros(8), sigma=np.eye(8) * np.inf), "NaN or inf"),
+    "inf in sigma": (dict(mu=np.zeros(8), sigma=np.diag(np.full(8, np.inf))), "NaN or inf"),
     "objects (a pickle)": (dict(mu=np.array([object()] * 8), sigma=np.eye(8)), "'mu' and 'sigma'"),
     "a .npy, not an .npz": (np.zeros(8), "'mu' and 'sigma'"),
 }
