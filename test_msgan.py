@@ -2274,7 +2274,8 @@ CLI_USAGE_ERRORS = [  # (script, arguments): a usage error, exit 2
     ("fid", ["--model", "m.pt", "--ref", "r", "-n", "-5"]), ("fid", ["--model", "m.pt", "--ref", "r", "-n", "1"]),
     ("fid", ["--model", "m.pt", "--ref", "r", "-n", "10**12"]),
     ("fid", ["--model", "m.pt", "--ref", "r", "-n", "1000000000000"]),
-    ("fid", ["--model", "m.pt", "--ref", "r", "--seed", "-1"]), ("fid", ["--model", "m.pt", "--ref", "r", "--psi", "nan"]),
+    ("fid", ["--model", "m.pt", "--ref", "r", "--seed", "-1"]),
+    ("fid", ["--model", "m.pt", "--ref", "r", "--psi", "nan"]),
     ("fid", ["a", "--save-stats", "stats"]),
 ]
 
