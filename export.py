@@ -51,6 +51,7 @@ PARITY_ATOL_OPENVINO = 1e-3  # its CPU plugin fuses and reorders more: 8e-5 on F
 PARITY_ATOL_FP16 = 0.1    # float16 export vs float32 PyTorch: ~3 significant digits, ~20 layers (FFHQ: 0.025)
 TRACE_BATCH = 2           # trace at a batch other than 1, so that no size-1 broadcast is baked into the graph
 CHECK_SEED = 0
+MAX_BATCH = 1024          # --batch of the check: larger is a typo, and would only run out of memory
 MB = 1 << 20
 
 
@@ -327,8 +328,8 @@ def parse_args(argv):
     p.add_argument("--device", default="cpu", help="device that traces and computes the reference (default: cpu)")
     p.add_argument("--batch", type=int, default=2, help="batch size of the check, besides 1 (default: 2)")
     args = p.parse_args(argv)
-    if args.batch < 1:
-        p.error("--batch must be at least 1")
+    if not 1 <= args.batch <= MAX_BATCH:
+        p.error(f"--batch must be between 1 and {MAX_BATCH}")
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         p.error(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}")
     return args
@@ -341,6 +342,9 @@ def main(argv=None):
     except (ExportError, ValueError, OSError, msgan.DownloadError) as e:  # msgan.CheckpointError is a ValueError
         print(f"export.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # staging() has removed the temp folder: no partial model is left
+        print("\nexport.py: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,13 @@ Library use (e.g. from train.py; importing this module has no side effects):
 import argparse
 import functools
 import hashlib
+import math
+import os
 import pickle
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +53,7 @@ INCEPTION_SIZE = 299  # the network's input resolution; every image is resized t
 BN_EPS = 0.001  # the TensorFlow Inception's BatchNorm epsilon (torch's default 1e-5 is wrong here)
 BLOCK_BY_DIM = {64: 0, 192: 1, 768: 2, 2048: 3}  # feature size -> Inception block it comes from
 IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")  # pytorch-fid's
+HIGH_BIT_DEPTH_MODES = ("I", "F")  # PIL modes I;16*, I (32-bit int) and F (float)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision vgg16 "features" up to conv4_3 (numbers: conv output channels, "M": 2x2 max-pool),
@@ -59,6 +64,11 @@ KID_SUBSETS = 100  # torch-fidelity's defaults
 KID_SUBSET_SIZE = 1000
 KID_SEED = 2020
 MIN_SAMPLES_UNBIASED = 2048  # below this the 2048x2048 covariance is rank-deficient
+# Command-line limits: past them a count is a typo, and would exhaust memory or time before giving a result.
+MAX_SAMPLES = 1_000_000  # -n: their 2048-dim float64 features alone take 16 GB; FID is quoted at 50k
+MAX_BATCH = 1024         # a larger batch is no faster, only closer to running out of memory
+MAX_KID_SUBSETS = 10_000
+SEED_LIMIT = 2**64       # torch.Generator seeds are unsigned 64-bit integers
 
 
 class FIDError(Exception):
@@ -357,8 +367,9 @@ def load_vgg16(path=None):
 # images in, features out
 
 def list_images(folder):
-    """pytorch-fid's file list: lower-case extensions only (globs are case-sensitive), sorted."""
-    paths = sorted(p for ext in IMAGE_EXTENSIONS for p in Path(folder).glob("*." + ext))
+    """pytorch-fid's file list: lower-case extensions only (globs are case-sensitive), sorted. Entries that are
+    not files (a folder or a dangling link named like an image) are skipped."""
+    paths = sorted(p for ext in IMAGE_EXTENSIONS for p in Path(folder).glob("*." + ext) if p.is_file())
     if not paths:
         raise FIDError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     return paths
@@ -366,12 +377,25 @@ def list_images(folder):
 
 def read_image(path):
     """float32 CHW in [0, 1], like PIL .convert("RGB") + torchvision ToTensor (gray is replicated,
-    alpha is dropped without compositing)."""
+    alpha is dropped without compositing, an animated file gives its first frame).
+
+    Refused with an FIDError: files PIL cannot decode; 16-bit and float images, which PIL's RGB conversion
+    clips instead of scaling (pytorch-fid would measure white images); and images of more than
+    Image.MAX_IMAGE_PIXELS pixels (PIL's decompression-bomb limit), before they are decoded.
+    """
     try:
-        with Image.open(path) as im:
-            rgb = np.array(im.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise FIDError(f"cannot read image {path}: {e}") from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to twice the limit
+            with Image.open(path) as im:
+                if im.mode.startswith(HIGH_BIT_DEPTH_MODES):
+                    raise FIDError(f"{path} is a 16-bit or float image (mode {im.mode}), which pytorch-fid's RGB "
+                                   "conversion clips instead of scaling: convert it to 8 bits first")
+                rgb = np.array(im.convert("RGB"))
+    except FIDError:
+        raise
+    except Exception as e:  # PIL's decoders raise many types for a damaged file (OSError, SyntaxError, ...)
+        reason = (str(e).strip().splitlines() or ["empty or truncated file"])[0]
+        raise FIDError(f"cannot read image {path}: {type(e).__name__}: {reason}") from None
     return torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
 
 
@@ -444,22 +468,43 @@ def statistics(feats):
 
 
 def save_stats(path, mu, sigma):
-    np.savez_compressed(path, mu=mu, sigma=sigma)  # pytorch-fid's key names
+    """Write mu and sigma (pytorch-fid's key names) atomically: a temp file in the same folder, then a rename, so
+    that a full disk or an interrupt never leaves a half-written `path`."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".npz")
+    except OSError as e:
+        raise FIDError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, mu=mu, sigma=sigma)
+        os.replace(tmp, path)
+    except BaseException as e:
+        os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise FIDError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
 
 
 def load_stats(path, dims=None):
-    """mu, sigma from a pytorch-fid style .npz; with dims, check the feature size."""
+    """mu, sigma (float64) from a pytorch-fid style .npz; with dims, check the feature size. Anything else (another
+    kind of file, other keys, shapes or dtypes, NaN or inf) is an FIDError. Never unpickles (allow_pickle=False)."""
     try:
-        with np.load(path) as f:
-            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-    except (OSError, ValueError, KeyError) as e:
-        raise FIDError(f"{path} is not a stats file with 'mu' and 'sigma': {e}") from e
+        with np.load(path, allow_pickle=False) as f:
+            mu, sigma = f["mu"], f["sigma"]
+    except Exception as e:  # numpy and zipfile raise many types for a damaged file (BadZipFile, zlib.error, ...)
+        reason = (str(e).strip().splitlines() or ["empty or truncated file"])[0]
+        raise FIDError(f"{path} is not a stats file with 'mu' and 'sigma' ({type(e).__name__}: {reason})") from None
+    for name, value in (("mu", mu), ("sigma", sigma)):
+        if value.dtype.kind not in "fiu":
+            raise FIDError(f"{path}: {name} has dtype {value.dtype}, expected real numbers")
+        if not np.isfinite(value).all():
+            raise FIDError(f"{path}: {name} holds NaN or inf")
     d = mu.shape[0] if mu.ndim == 1 else -1
-    if d < 0 or sigma.shape != (d, d):
+    if d < 1 or sigma.shape != (d, d):
         raise FIDError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
     if dims is not None and d != dims:
         raise FIDError(f"{path} holds {d}-dim features but {dims}-dim ones are asked for (--dims)")
-    return mu, sigma
+    return mu.astype(np.float64), sigma.astype(np.float64)
 
 
 def sqrtm_psd(a):
@@ -526,26 +571,50 @@ def kid(feats1, feats2, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=K
 # -----------------------------------------------------------------------------
 # command line
 
+def int_in(lo, hi):
+    """argparse type: an integer in lo..hi (anything else is a usage error, exit 2)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {value}")
+        return value
+    return parse
+
+
+def finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="fid.py", description="FID (and KID) between image folders, "
                                 "pytorch-fid stats files and msgan generators.")
     p.add_argument("paths", nargs="*", metavar="DIR|STATS.npz",
                    help="two sources to compare, or one with --save-stats")
     p.add_argument("--model", metavar="NAME|PATH", help="msgan generator to sample images from")
-    p.add_argument("-n", type=int, default=50000, help="images to generate with --model (default 50000)")
+    p.add_argument("-n", type=int_in(2, MAX_SAMPLES), default=50000,
+                   help="images to generate with --model (default 50000)")
     p.add_argument("--ref", metavar="DIR|STATS.npz", help="reference to compare --model with")
-    p.add_argument("--psi", type=float, default=1.0, help="truncation psi for --model (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="batch i of --model uses z from "
+    p.add_argument("--psi", type=finite_float, default=1.0, help="truncation psi for --model (default 1)")
+    p.add_argument("--seed", type=int_in(0, SEED_LIMIT - 1), default=0, help="batch i of --model uses z from "
                    "torch.Generator().manual_seed(seed + i) (default 0)")
     p.add_argument("--inception", metavar="PATH", help="FID Inception weights "
                    "(default: torch hub cache, downloaded when missing)")
-    p.add_argument("--batch", type=int, default=50, help="batch size (default 50)")
+    p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=50, help="batch size (default 50)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dims", type=int, default=2048, choices=sorted(BLOCK_BY_DIM),
                    help="Inception feature size (default 2048)")
     p.add_argument("--kid", action="store_true", help="also print KID (needs images, not stats files)")
-    p.add_argument("--kid-subsets", type=int, default=KID_SUBSETS)
-    p.add_argument("--kid-subset-size", type=int, default=KID_SUBSET_SIZE)
+    p.add_argument("--kid-subsets", type=int_in(1, MAX_KID_SUBSETS), default=KID_SUBSETS)
+    p.add_argument("--kid-subset-size", type=int_in(2, MAX_SAMPLES), default=KID_SUBSET_SIZE)
     p.add_argument("--save-stats", metavar="OUT.npz", help="save mu/sigma of the one source given")
     args = p.parse_args(argv)
     if args.model and args.paths:
@@ -555,8 +624,10 @@ def parse_args(argv):
     sources = (["--model"] if args.model else []) + args.paths + ([args.ref] if args.ref else [])
     if len(sources) != (1 if args.save_stats else 2):
         p.error("give one source with --save-stats, otherwise two to compare")
-    if args.batch < 1 or args.n < 2:
-        p.error("--batch must be at least 1 and -n at least 2")
+    if args.save_stats and not args.save_stats.endswith(".npz"):
+        p.error("--save-stats needs a file name ending in .npz (fid.py reads such files as stats)")
+    if args.seed + math.ceil(args.n / args.batch) > SEED_LIMIT:
+        p.error("--seed plus the number of batches must stay below 2**64")
     return args, sources
 
 
@@ -607,6 +678,9 @@ def main(argv=None):
     except FIDError as e:
         print(f"fid.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # save_stats leaves no partial file
+        print("\nfid.py: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

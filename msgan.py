@@ -17,12 +17,15 @@ the resolutions it has, so one code drives teacher and student. The official Mob
 """
 import argparse
 import collections
+import functools
 import hashlib
 import io
 import math
+import numbers
 import os
 import pickle
 import re
+import reprlib
 import subprocess
 import sys
 import tempfile
@@ -686,34 +689,88 @@ def read_checkpoint(path):
     return ckpt
 
 
+TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+
+
 def _read(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file, and not a pretrained model name ({', '.join(PRETRAINED)})")
     try:  # rosinality checkpoints hold their argparse options: allow that one class, nothing else
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = (str(e).splitlines() or ["empty or truncated file"])[0]
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})")
+    except pickle.UnpicklingError as e:  # torch's weights-only unpickler, which never calls what a file names
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise CheckpointError(f"{path}: refused: it references {found[1]}, which only code could build, and "
+                                  "msgan never runs code from a checkpoint (torch.load weights_only=True)") from None
+        # torch's own reason, without its framing (which suggests loading the file with weights_only=False)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if not line.startswith(TORCH_ADVICE)), "empty or truncated file")
+        raise CheckpointError(f"{path}: not a readable checkpoint (UnpicklingError: "
+                              f"{reason.split('WeightsUnpickler error:')[-1].strip()})") from None
+    except Exception as e:  # truncated, corrupt, or not a torch file at all: torch raises many types
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
 
 
-def _load_into(module, state, path, what, file_keys=None):
-    """Strict load with one clear message for a missing, unexpected or wrongly shaped key.
+def _first_line(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or ['empty or truncated file'])[0]}"
 
+
+def _short(value):
+    """repr(value) cut to one short line, for messages about values read from a file (which may be huge)."""
+    return reprlib.repr(value)
+
+
+def _tensors(state, path, what):
+    """state, checked to be a state dict (str -> tensor): every converter reads shapes from it."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: {what} is a {type(state).__name__}, not a dict of tensors")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: {what}: key {_short(key)} is not a string")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: {what}: key {key!r} is a {type(value).__name__}, not a tensor")
+    return state
+
+
+def _load_into(make, state, path, what, file_keys=None, own=()):
+    """make() with `state` loaded strictly: one clear message for a missing, unexpected, wrongly shaped, non-float or
+    non-finite tensor. Tensors of another float precision are converted to the module's (float32), with a warning.
+
+    make: builds the module; it is first built on the meta device, so that keys and shapes are checked before any
+    memory is allocated (a config read from a file, or a size read from one tensor, may describe a huge network).
     file_keys: msgan key -> the key's name in the file, so that messages name what the user has.
+    own: key prefixes the file may leave out: those keys keep the value make() gave them.
     """
     named = (file_keys or {}).get
-    expected = module.state_dict()
+    _tensors(state, path, what)
+    with torch.device("meta"):
+        expected = make().state_dict()
     for key, value in expected.items():
-        if key not in state:
-            raise CheckpointError(f"{path}: {what}: missing key {key!r}")
-        if tuple(state[key].shape) != tuple(value.shape):
+        if key not in state and not key.startswith(own):
+            raise CheckpointError(f"{path}: {what}: missing key {named(key, key)!r}")
+        if key in state and tuple(state[key].shape) != tuple(value.shape):
             raise CheckpointError(f"{path}: {what}: key {named(key, key)!r} has shape {list(state[key].shape)}, "
                                   f"expected {list(value.shape)}")
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
         raise CheckpointError(f"{path}: {what}: unexpected key {named(unexpected[0], unexpected[0])!r}")
-    module.load_state_dict(state)
+    loaded, converted = {}, collections.Counter()
+    for key, value in state.items():
+        dtype = expected[key].dtype
+        if value.layout != torch.strided or value.is_meta or not value.is_floating_point():
+            raise CheckpointError(f"{path}: {what}: key {named(key, key)!r} is a {value.dtype} {value.layout} "
+                                  f"{value.device.type} tensor, expected a dense {dtype} one")
+        if value.dtype != dtype:
+            converted[str(value.dtype).removeprefix("torch.")] += 1
+        loaded[key] = value.to(dtype)
+        if not torch.isfinite(loaded[key]).all():  # checked after the conversion: 1e39 in float64 is inf in float32
+            raise CheckpointError(f"{path}: {what}: key {named(key, key)!r} holds non-finite values (NaN or inf)")
+    if converted:
+        counts = " and ".join(f"{n} {dtype}" for dtype, n in sorted(converted.items()))
+        warnings.warn(f"{path}: {what}: converted {counts} tensors to float32")
+    module = make()
+    module.load_state_dict({**module.state_dict(), **loaded})
     return module
 
 
@@ -723,13 +780,23 @@ def _get(state, key, path):
     return state[key]
 
 
-def _rename(state, rules, file_keys=None):
+def _shape(state, key, ndim, path, file_keys=None):
+    """The shape of the tensor state[key], which converters read a size from: it must have ndim non-empty dims."""
+    value = _get(state, key, path)
+    if value.ndim != ndim or value.numel() == 0:
+        name = (file_keys or {}).get(key, key)
+        raise CheckpointError(f"{path}: key {name!r} has shape {list(value.shape)}, expected {ndim} non-empty "
+                              "dimensions")
+    return value.shape
+
+
+def _rename(state, rules, path, file_keys=None):
     """Rename keys by regex rules applied in order, each to the result of the previous ones.
 
-    A rule is (pattern, replacement) matched against the whole key; replacement None drops the key.
-    file_keys, when given, records new key -> original key.
+    A rule is (pattern, replacement) matched against the whole key; replacement None drops the key. Two keys
+    that end up with one name are an error. file_keys, when given, records new key -> original key.
     """
-    out = {}
+    out, origin = {}, {}
     for original, value in state.items():
         key = original
         for pattern, repl in rules:
@@ -739,20 +806,22 @@ def _rename(state, rules, file_keys=None):
             if match:
                 key = repl(match) if callable(repl) else match.expand(repl)
         else:
-            out[key] = value
-            if file_keys is not None:
-                file_keys[key] = original
+            if key in out:  # two names of one tensor, e.g. "x.weight_permute" and "x.weight": which is meant?
+                raise CheckpointError(f"{path}: keys {origin[key]!r} and {original!r} are both {key!r}")
+            out[key], origin[key] = value, original
+    if file_keys is not None:
+        file_keys.update(origin)
     return out
 
 
-def _mapping_config(state, prefix, first_index, path):
+def _mapping_config(state, prefix, first_index, path, file_keys=None):
     """z_dim, w_dim, layer count from EqualLinear weights `{prefix}{first_index + i}.weight`."""
     n = 0
     while f"{prefix}{first_index + n}.weight" in state:
         n += 1
     if n == 0:
         raise CheckpointError(f"{path}: missing key {prefix}{first_index}.weight (mapping network)")
-    w_dim, z_dim = state[f"{prefix}{first_index}.weight"].shape
+    w_dim, z_dim = _shape(state, f"{prefix}{first_index}.weight", 2, path, file_keys)
     return dict(z_dim=z_dim, w_dim=w_dim, mapping_layers=n)
 
 
@@ -782,29 +851,36 @@ def _squeeze_layouts(state):
     return state
 
 
-def _from_rosinality(ckpt, path):
-    state = ckpt["g_ema"] if "g_ema" in ckpt else ckpt["g"]
-    config = dict(arch="stylegan2", **_mapping_config(state, "style.", 1, path))
-    channels = [_get(state, "conv1.conv.weight", path).shape[1]]
+def _from_rosinality(ckpt, path, names=None):
+    """names: rosinality key -> the key's name in the file, for an official teacher (rosinality names by then)."""
+    which = "g_ema" if "g_ema" in ckpt else "g"
+    state = _tensors(ckpt[which], path, which)
+    names = names or {}
+    config = dict(arch="stylegan2", **_mapping_config(state, "style.", 1, path, names))
+    channels = [_shape(state, "conv1.conv.weight", 5, path, names)[1]]  # [1, O, I, k, k]
     while f"convs.{2 * (len(channels) - 1)}.conv.weight" in state:
-        channels.append(state[f"convs.{2 * (len(channels) - 1)}.conv.weight"].shape[1])
+        channels.append(_shape(state, f"convs.{2 * (len(channels) - 1)}.conv.weight", 5, path, names)[1])
     config["channels"] = channels
     file_keys = {}
-    state = _squeeze_layouts(_rename(state, ROSINALITY_RULES, file_keys))
-    G = Generator(config)
-    state["w_avg"] = ckpt["latent_avg"].flatten() if "latent_avg" in ckpt else G.w_avg
-    _keep_const_noise(G, state)
-    _load_into(G, state, path, "generator", file_keys)
+    state = _squeeze_layouts(_rename(state, ROSINALITY_RULES, path, file_keys))
+    file_keys = {key: names.get(original, original) for key, original in file_keys.items()}
+    if "latent_avg" in ckpt:
+        if not isinstance(ckpt["latent_avg"], torch.Tensor):
+            raise CheckpointError(f"{path}: key {names.get('latent_avg', 'latent_avg')!r} is a "
+                                  f"{type(ckpt['latent_avg']).__name__}, not a tensor")
+        state["w_avg"] = ckpt["latent_avg"].flatten()
+        file_keys["w_avg"] = names.get("latent_avg", "latent_avg")
+    G = _load_into(lambda: Generator(config), state, path, "generator", file_keys, own=_generated(state, "w_avg"))
     if "latent_avg" not in ckpt:
         G.compute_w_avg()
     return G
 
 
-def _keep_const_noise(G, state):
-    """Checkpoints without noise buffers (official ones) get the network's own seeded const noise."""
-    for key, value in G.state_dict().items():
-        if key.startswith("synthesis.noise_const."):
-            state.setdefault(key, value)
+def _generated(state, *keys):
+    """What a converted state may leave to the new network (see _load_into's own): `keys`, and the seeded const
+    noise when the file stores none (official checkpoints; a file with some noise buffers must have all)."""
+    noise = "synthesis.noise_const."
+    return keys if any(key.startswith(noise) for key in state) else (*keys, noise)
 
 
 # official MobileStyleGAN key (after "student.") -> msgan key (after "synthesis.")
@@ -833,28 +909,37 @@ def _strip(state, prefix):
 
 
 def _from_official(ckpt, path, part):
-    state = ckpt["state_dict"]
+    state = _tensors(ckpt["state_dict"], path, "state_dict")
     mapping = {f"style.{k}": v for k, v in _strip(state, "mapping_net.layers.").items()}  # rosinality names
-    w_avg = _get(state, "style_mean", path)[0, 0]  # [1, num_ws, D]: the same mean w in every slot
+    mapping_names = {f"style.{k}": f"mapping_net.layers.{k}" for k in _strip(state, "mapping_net.layers.")}
+    _shape(state, "style_mean", 3, path)
+    w_avg = state["style_mean"][0, 0]  # [1, num_ws, D]: the same mean w in every slot
     if part == "teacher":
         teacher = _strip(state, "synthesis_net.")
         if not teacher:
             raise CheckpointError(f"{path}: holds no teacher (no synthesis_net.* keys)")
-        return _from_rosinality({"g_ema": {**_rename(teacher, OFFICIAL_TEACHER_RULES), **mapping},
-                                 "latent_avg": w_avg}, path)
+        file_keys = {}
+        teacher = _rename(teacher, OFFICIAL_TEACHER_RULES, path, file_keys)
+        names = {**{k: f"synthesis_net.{v}" for k, v in file_keys.items()}, **mapping_names,
+                 "latent_avg": "style_mean"}
+        return _from_rosinality({"g_ema": {**teacher, **mapping}, "latent_avg": w_avg}, path, names)
     student = _strip(state, "student.")
     if not student:
         raise CheckpointError(f"{path}: holds no student (no student.* keys)")
     file_keys = {}
-    student = _squeeze_layouts(_rename(student, OFFICIAL_STUDENT_RULES, file_keys))
-    channels = [_get(student, "conv1.conv.weight", path).shape[0]]
+    student = _squeeze_layouts(_rename(student, OFFICIAL_STUDENT_RULES, path, file_keys))
+    file_keys = {k: f"student.{v}" for k, v in file_keys.items()}
+    channels = [_shape(student, "conv1.conv.weight", 4, path, file_keys)[0]]
     while f"blocks.{len(channels) - 1}.conv2.conv.weight" in student:
-        channels.append(student[f"blocks.{len(channels) - 1}.conv2.conv.weight"].shape[0])
-    G = Generator(dict(arch="mobilestylegan", channels=channels, **_mapping_config(mapping, "style.", 1, path)))
-    state = {**_rename(mapping, [MAPPING_RULE]), **{f"synthesis.{k}": v for k, v in student.items()}, "w_avg": w_avg}
-    _keep_const_noise(G, state)
-    file_keys = {f"synthesis.{k}": f"student.{v}" for k, v in file_keys.items()}
-    return _load_into(G, state, path, "generator", file_keys)
+        channels.append(_shape(student, f"blocks.{len(channels) - 1}.conv2.conv.weight", 4, path, file_keys)[0])
+    config = dict(arch="mobilestylegan", channels=channels,
+                  **_mapping_config(mapping, "style.", 1, path, mapping_names))
+    file_keys = {f"synthesis.{k}": v for k, v in file_keys.items()}
+    mapping = _rename(mapping, [MAPPING_RULE], path, file_keys)
+    file_keys.update({k: mapping_names[v] for k, v in file_keys.items() if v in mapping_names})
+    state = {**mapping, **{f"synthesis.{k}": v for k, v in student.items()}, "w_avg": w_avg}
+    file_keys["w_avg"] = "style_mean"
+    return _load_into(lambda: Generator(config), state, path, "generator", file_keys, own=_generated(state))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -896,9 +981,15 @@ class NvidiaObject:
     def child(self, name):
         return self.state["_modules"].get(name)
 
-    def attr(self, name, path):
+    def attr(self, name, path, kind):
+        """An attribute its __init__ set, checked to be a `kind` (a type or tuple of types, as for isinstance): a
+        pickle can hold anything there."""
         if name not in self.state:
             raise CheckpointError(f"{path}: NVIDIA {self.class_name} has no attribute {name!r}")
+        if not isinstance(self.state[name], kind):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise CheckpointError(f"{path}: NVIDIA {self.class_name} attribute {name!r} is {_short(self.state[name])}, "
+                                  f"not a {names}")
         return self.state[name]
 
 
@@ -1030,10 +1121,13 @@ def _nvidia_modules(net, path, prefix="", ancestors=()):
     be a torch module's state (a pickle can still edit a dict after a record was made from it)."""
     for field, kind in (("_parameters", torch.Tensor), ("_buffers", torch.Tensor), ("_modules", NvidiaObject)):
         items = net.state.get(field)
-        if not (isinstance(items, dict) and all(isinstance(k, str) and (v is None or isinstance(v, kind))
-                                                for k, v in items.items())):
-            raise CheckpointError(f"{path}: NVIDIA {net.class_name} {prefix!r}: {field} is not a dict of "
-                                  f"{kind.__name__}s")
+        if not isinstance(items, dict):
+            raise CheckpointError(f"{path}: NVIDIA {net.class_name} {prefix!r}: {field} is not a dict")
+        for name, value in items.items():
+            if not (isinstance(name, str) and (value is None or isinstance(value, kind))):
+                key = prefix + name if isinstance(name, str) else prefix + _short(name)
+                raise CheckpointError(f"{path}: NVIDIA {net.class_name}: {key!r} is a {type(value).__name__}, "
+                                      f"not a {kind.__name__}")
     if not isinstance(net.state.get("_non_persistent_buffers_set", set()), set) or net in ancestors:
         raise CheckpointError(f"{path}: NVIDIA {net.class_name} {prefix!r} is not a torch module's state")
     yield prefix, net
@@ -1066,7 +1160,8 @@ def _check_nvidia_source(net, path, what):
 
 def _nvidia_conv_clamp(net, class_names, path, what, skip=()):
     """The one conv_clamp of the layers of the given classes (None: no clamp), as a plain float."""
-    clamps = {module.attr("conv_clamp", path) for prefix, module in _nvidia_modules(net, path)
+    clamps = {module.attr("conv_clamp", path, (numbers.Real, type(None)))
+              for prefix, module in _nvidia_modules(net, path)
               if module.class_name in class_names and not prefix.endswith(skip)}
     if len(clamps) != 1:
         raise CheckpointError(f"{path}: {what}: layers with different conv_clamp ({sorted(map(str, clamps))}): "
@@ -1084,9 +1179,15 @@ def _drop_resample_filters(state, path, what):
             raise CheckpointError(f"{path}: {what}: {key} is not the [1, 3, 3, 1] filter msgan implements")
 
 
+def _is_power_of_two(n):
+    return n > 0 and n & (n - 1) == 0
+
+
 def _nvidia_block_index(resolution):
-    """Block b<r> of NVIDIA's synthesis (r >= 8) is msgan's to_rgbs[k], convs[2k] and convs[2k+1]."""
-    return int(math.log2(int(resolution))) - 3
+    """Block b<r> of NVIDIA's synthesis (r = 8, 16, ...) is msgan's to_rgbs[k], convs[2k] and convs[2k+1], with
+    k = log2(r) - 3. Any other r gives -1: its keys are then refused as unexpected keys, named as in the file."""
+    r = int(resolution)
+    return r.bit_length() - 4 if r >= 8 and _is_power_of_two(r) else -1
 
 
 # NVIDIA G_ema key -> msgan key, applied in order
@@ -1125,10 +1226,10 @@ def _nvidia_generator(G, path):
     if synthesis.child("input") is not None:  # StyleGAN3's Fourier-feature input layer
         raise CheckpointError(f"{path}: G_ema is a StyleGAN3 (alias-free, config -t/-r) generator: not supported, "
                               "msgan's teacher is StyleGAN2")
-    if G.attr("c_dim", path):
-        raise CheckpointError(f"{path}: G_ema is a conditional generator (c_dim = {G.attr('c_dim', path)}): not "
+    if G.attr("c_dim", path, numbers.Integral):
+        raise CheckpointError(f"{path}: G_ema is a conditional generator (c_dim = {G.state['c_dim']}): not "
                               "supported, msgan's networks take no class labels")
-    architectures = sorted({str(block.attr("architecture", path)) for _, block in _nvidia_modules(G, path)
+    architectures = sorted({block.attr("architecture", path, str) for _, block in _nvidia_modules(G, path)
                             if block.class_name == "SynthesisBlock"})
     if architectures != ["skip"]:
         raise CheckpointError(f"{path}: G_ema has the {'/'.join(architectures)!r} architecture: not supported, "
@@ -1139,24 +1240,28 @@ def _nvidia_generator(G, path):
     state = _nvidia_state_dict(G, path)
     _drop_resample_filters(state, path, "G_ema")
     file_keys = {}
-    state = _unsqueeze_nvidia_layouts(_rename(state, NVIDIA_GENERATOR_RULES, file_keys))
-    config = dict(arch="stylegan2", **_mapping_config(state, "mapping.layers.", 0, path), conv_clamp=conv_clamp)
+    state = _unsqueeze_nvidia_layouts(_rename(state, NVIDIA_GENERATOR_RULES, path, file_keys))
+    config = dict(arch="stylegan2", **_mapping_config(state, "mapping.layers.", 0, path, file_keys),
+                  conv_clamp=conv_clamp)
     for i in range(config["mapping_layers"]):  # stored weights are N(0, 1) / lr: bring them to msgan's lr
-        lr = float(mapping.child(f"fc{i}").attr("bias_gain", path))  # NVIDIA's bias_gain is the lr multiplier
+        lr = float(mapping.child(f"fc{i}").attr("bias_gain", path, numbers.Real))  # NVIDIA's: the lr multiplier
         if lr != MAPPING_LR_MUL:
             for name in ("weight", "bias"):
                 state[f"mapping.layers.{i}.{name}"] = state[f"mapping.layers.{i}.{name}"] * (lr / MAPPING_LR_MUL)
-    config["channels"] = [_get(state, "synthesis.conv1.conv.weight", path).shape[0]]
+    config["channels"] = [_shape(state, "synthesis.conv1.conv.weight", 4, path, file_keys)[0]]
     while f"synthesis.convs.{2 * len(config['channels']) - 1}.conv.weight" in state:  # the 2nd conv of each block
-        config["channels"].append(state[f"synthesis.convs.{2 * len(config['channels']) - 1}.conv.weight"].shape[0])
-    return _load_into(Generator(config), state, path, "G_ema", file_keys)
+        key = f"synthesis.convs.{2 * len(config['channels']) - 1}.conv.weight"
+        config["channels"].append(_shape(state, key, 4, path, file_keys)[0])
+    _check_generator_config(config, path, "G_ema")
+    return _load_into(lambda: Generator(config), state, path, "G_ema", file_keys)
 
 
 def _nvidia_discriminator_rules(img_resolution):
     """NVIDIA D key -> msgan (rosinality) key. b<R>.fromrgb is convs.0, block b<r> is convs.<log2(R/r) + 1>, the
-    epilogue b4 is final_conv and final_linear."""
+    epilogue b4 is final_conv and final_linear. A block b<r> of any other r becomes convs.-1: an unexpected key."""
     def block(m):
-        return int(math.log2(img_resolution // int(m[1]))) + 1
+        r = int(m[1])
+        return (img_resolution // r).bit_length() if 8 <= r <= img_resolution and _is_power_of_two(r) else -1
     return [
         (r"b\d+\.fromrgb\.weight", "convs.0.0.weight"),
         (r"b\d+\.fromrgb\.bias", "convs.0.1.bias"),
@@ -1173,31 +1278,38 @@ def _nvidia_discriminator_rules(img_resolution):
 
 
 def _nvidia_discriminator(D, path):
-    if D.attr("c_dim", path):
-        raise CheckpointError(f"{path}: D is a conditional discriminator (c_dim = {D.attr('c_dim', path)}): not "
+    if D.attr("c_dim", path, numbers.Integral):
+        raise CheckpointError(f"{path}: D is a conditional discriminator (c_dim = {D.state['c_dim']}): not "
                               "supported, msgan's networks take no class labels")
     epilogue = D.child("b4")
     if epilogue is None:
         raise CheckpointError(f"{path}: D: an NVIDIA {D.class_name} without the 4x4 epilogue b4")
-    architectures = sorted({str(block.attr("architecture", path)) for _, block in _nvidia_modules(D, path)
+    architectures = sorted({block.attr("architecture", path, str) for _, block in _nvidia_modules(D, path)
                             if block.class_name in ("DiscriminatorBlock", "DiscriminatorEpilogue")})
     if architectures != ["resnet"]:
         raise CheckpointError(f"{path}: D has the {'/'.join(architectures)!r} architecture: not supported, "
                               "msgan's discriminator is StyleGAN2's 'resnet' (NVIDIA's default)")
     mbstd = epilogue.child("mbstd")
-    if mbstd is None or mbstd.attr("num_channels", path) != 1 or not isinstance(mbstd.attr("group_size", path), int):
-        raise CheckpointError(f"{path}: D: only a minibatch-stddev layer with 1 channel and a fixed group size is "
-                              "supported")
+    if mbstd is None:
+        raise CheckpointError(f"{path}: D: an NVIDIA {D.class_name} without the minibatch-stddev layer b4.mbstd")
+    channels = mbstd.attr("num_channels", path, numbers.Integral)
+    group = mbstd.attr("group_size", path, (numbers.Integral, type(None)))
+    if channels != 1 or not isinstance(group, int) or group < 1:
+        raise CheckpointError(f"{path}: D: b4.mbstd has num_channels {channels} and group_size {group}: only 1 "
+                              "channel and a fixed group size are supported")
     _check_nvidia_source(D, path, "D")
     conv_clamp = _nvidia_conv_clamp(D, ("Conv2dLayer",), path, "D", skip="skip.")  # the skip convs are never clamped
 
     state = _nvidia_state_dict(D, path)
     _drop_resample_filters(state, path, "D")
-    img_resolution = max(int(key.split(".")[0][1:]) for key in state)  # keys b<R>.*, ..., b8.*, b4.*
+    blocks = [int(m[1]) for m in (re.match(r"b(\d+)\.", key) for key in state) if m]  # keys b<R>.*, ..., b4.*
+    img_resolution = max(blocks, default=0)
+    if img_resolution < 4 or not _is_power_of_two(img_resolution):
+        raise CheckpointError(f"{path}: D: its blocks b<resolution> give no image resolution (a power of two >= 4)")
     file_keys = {}
-    state = _rename(state, _nvidia_discriminator_rules(img_resolution), file_keys)
+    state = _rename(state, _nvidia_discriminator_rules(img_resolution), path, file_keys)
     return _discriminator_from_state(state, path, file_keys, conv_clamp=conv_clamp,
-                                     stddev_group=mbstd.attr("group_size", path))
+                                     stddev_group=group)
 
 
 def _from_nvidia(snapshot, path, part):
@@ -1240,28 +1352,40 @@ def _sha256(data):
 
 
 def fetch_random_face_wheel(cache_dir):
-    """The random-face wheel in cache_dir, downloaded with pip (no dependencies) unless cached intact."""
+    """The random-face wheel in cache_dir, downloaded with pip (no dependencies) unless cached intact.
+
+    Several processes may run this at once: each downloads into its own temp folder and renames the checked wheel
+    into place, so the cache only ever holds a whole file.
+    """
     wheel = os.path.join(cache_dir, RANDOM_FACE_WHEEL)
     expected = RANDOM_FACE_SHA256[RANDOM_FACE_WHEEL]
-    if os.path.isfile(wheel):
+    try:
         with open(wheel, "rb") as f:
             if _sha256(f.read()) == expected:
                 return wheel
-        os.unlink(wheel)  # a corrupt or partial cache entry: fetch it again
-    os.makedirs(cache_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--quiet", "-d", tmp, RANDOM_FACE_REQUIREMENT]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        got = os.path.join(tmp, RANDOM_FACE_WHEEL)
-        if result.returncode != 0 or not os.path.isfile(got):
-            reason = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise DownloadError(f"could not download {RANDOM_FACE_REQUIREMENT} with pip ({reason}); "
-                                f"with no network, put {RANDOM_FACE_WHEEL} into {cache_dir}")
-        with open(got, "rb") as f:
-            if _sha256(f.read()) != expected:
-                raise DownloadError(f"{RANDOM_FACE_WHEEL}: sha256 mismatch, refusing to use it")
-        os.replace(got, wheel)
+        os.unlink(wheel)  # a corrupt, partial or tampered cache entry: fetch it again
+    except FileNotFoundError:
+        pass  # not cached, or another process dropped the bad copy first
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                   "--quiet", "-d", tmp, RANDOM_FACE_REQUIREMENT]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            got = os.path.join(tmp, RANDOM_FACE_WHEEL)
+            if result.returncode != 0 or not os.path.isfile(got):
+                reason = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+                raise DownloadError(f"could not download {RANDOM_FACE_REQUIREMENT} with pip ({reason}); "
+                                    f"with no network, put {RANDOM_FACE_WHEEL} into {cache_dir}")
+            with open(got, "rb") as f:
+                if _sha256(f.read()) != expected:
+                    raise DownloadError(f"{RANDOM_FACE_WHEEL}: sha256 mismatch, refusing to use it: your package "
+                                        f"index serves another file under this name; put the wheel from pypi.org "
+                                        f"(sha256 {expected}) into {cache_dir}")
+            os.replace(got, wheel)
+    except OSError as e:
+        raise DownloadError(f"{cache_dir}: cannot write the download there ({e.strerror or e}); make it writable, or "
+                            f"set MSGAN_WEIGHTS to a writable folder") from None
     return wheel
 
 
@@ -1346,65 +1470,148 @@ def _import_styled_conv(ir, official, ours, state):
 
 
 def import_random_face(wheel):
-    """Rebuild the FFHQ-1024 Generator (folded student + mapping) from the random-face wheel's IR."""
-    files = {}
-    with zipfile.ZipFile(wheel) as zf:
-        for name, digest in RANDOM_FACE_SHA256.items():
-            if name.startswith("random_face/"):
-                files[name] = zf.read(name)
-                if _sha256(files[name]) != digest:
-                    raise DownloadError(f"{wheel}: {name}: sha256 mismatch")
+    """Rebuild the FFHQ-1024 Generator (folded student + mapping) from the random-face wheel's IR.
+
+    The IR files must have their published sha256: only then is the IR parsed, so a damaged or edited wheel is
+    refused with a DownloadError and never read as a network.
+    """
+    redo = "delete it, and msgan.load('ffhq') downloads the published wheel again"
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            files = {name: zf.read(name) for name in RANDOM_FACE_SHA256 if name.startswith("random_face/")}
+    except Exception as e:  # a damaged zip raises many types (BadZipFile, zlib.error, EOFError, KeyError, ...)
+        raise DownloadError(f"{wheel}: not an intact random-face wheel ({_first_line(e)}); {redo}") from None
+    for name, data in files.items():
+        if _sha256(data) != RANDOM_FACE_SHA256[name]:
+            raise DownloadError(f"{wheel}: {name}: sha256 mismatch, the wheel was modified; {redo}")
     data = "random_face/data/"
     mapping = _OpenVinoIR(files[data + "MappingNetwork.xml"], files[data + "MappingNetwork.bin"])
     ir = _OpenVinoIR(files[data + "SynthesisNetwork.xml"], files[data + "SynthesisNetwork.bin"])
-    G = Generator(FFHQ_CONFIG)
-    state = {k: torch.zeros_like(v) for k, v in G.state_dict().items()}  # absent: the non-final freq heads
-    state.update(_import_mapping(mapping, G.w_dim))
+    with torch.device("meta"):
+        template = Generator(FFHQ_CONFIG)
+    blocks = len(template.synthesis.blocks)
+    state = {k: torch.zeros(v.shape) for k, v in template.state_dict().items()}  # absent: the non-final freq heads
+    state.update(_import_mapping(mapping, template.w_dim))
     state["synthesis.const"] = ir.const("m.input.input")
     convs = [("conv1", "conv1")] + [(f"layers.{i}.conv{j}", f"blocks.{i}.conv{j}")
-                                    for i in range(len(G.synthesis.blocks)) for j in (1, 2)]
+                                    for i in range(blocks) for j in (1, 2)]
     for index, (official, ours) in enumerate(convs):
         state[f"synthesis.noise_const.{index}"] = _import_styled_conv(ir, official, f"synthesis.{ours}", state)
-    for i in range(len(G.synthesis.blocks)):
+    for i in range(blocks):
         _import_modulation(ir, f"layers.{i}.up", f"synthesis.blocks.{i}.up", state)
-    last = len(G.synthesis.blocks) - 1
-    head = f"synthesis.blocks.{last}.to_wavelets"  # the only wavelet head that makes the image
-    _import_modulation(ir, f"layers.{last}.to_img.conv", f"{head}.conv", state)
-    state[f"{head}.conv.weight"] = ir.const(f"m.layers.{last}.to_img.conv.weight")
-    state[f"{head}.bias"] = ir.const(f"m.layers.{last}.to_img.bias").flatten()
-    _load_into(G, state, wheel, "random-face import")
+    head = f"synthesis.blocks.{blocks - 1}.to_wavelets"  # the only wavelet head that makes the image
+    _import_modulation(ir, f"layers.{blocks - 1}.to_img.conv", f"{head}.conv", state)
+    state[f"{head}.conv.weight"] = ir.const(f"m.layers.{blocks - 1}.to_img.conv.weight")
+    state[f"{head}.bias"] = ir.const(f"m.layers.{blocks - 1}.to_img.bias").flatten()
+    G = _load_into(lambda: Generator(FFHQ_CONFIG), state, wheel, "random-face import")
     G.compute_w_avg()
     return G.eval()
 
 
 def pretrained_path(name):
-    """Path of a pretrained model in WEIGHTS_DIR, fetched and imported on first use."""
+    """Path of a pretrained model in WEIGHTS_DIR, fetched and imported on first use.
+
+    Processes that do the first use at once each import the model and rename a complete file into place (see
+    atomic_save): all of them succeed, and one whole file stays.
+    """
     path = os.path.join(WEIGHTS_DIR, PRETRAINED[name])
     if not os.path.isfile(path) and name not in FETCHED:
         raise CheckpointError(f"{path}: missing; it ships with msgan (restore it with `git checkout weights/`)")
     if not os.path.isfile(path):
         G = import_random_face(fetch_random_face_wheel(os.path.join(WEIGHTS_DIR, "cache")))
-        save(path, generator=G, source=f"{RANDOM_FACE_REQUIREMENT} (OpenVINO IR), imported by msgan")
+        try:
+            save(path, generator=G, source=f"{RANDOM_FACE_REQUIREMENT} (OpenVINO IR), imported by msgan")
+        except OSError as e:
+            raise DownloadError(f"{path}: cannot write the imported model ({e.strerror or e}); make {WEIGHTS_DIR} "
+                                "writable, or set MSGAN_WEIGHTS to a writable folder") from None
     return path
 
 
 def _discriminator_from_state(state, path, file_keys=None, **options):
     """A rosinality-layout D state dict -> Discriminator(..., **options); channels from the tensor shapes."""
-    channels = [_get(state, "convs.0.0.weight", path).shape[0]]
+    state = _tensors(state, path, "discriminator")
+    channels = [_shape(state, "convs.0.0.weight", 4, path, file_keys)[0]]
     while f"convs.{len(channels)}.conv2.1.weight" in state:
-        channels.append(state[f"convs.{len(channels)}.conv2.1.weight"].shape[0])
-    D = Discriminator(4 * 2 ** (len(channels) - 1), channels, **options)
+        channels.append(_shape(state, f"convs.{len(channels)}.conv2.1.weight", 4, path, file_keys)[0])
+    config = dict(img_resolution=4 * 2 ** (len(channels) - 1), channels=channels, **options)
+    _check_discriminator_config(config, path, "discriminator")
     state = {k: v for k, v in state.items() if not k.endswith(".kernel")}  # fixed blur buffers
-    return _load_into(D, state, path, "discriminator", file_keys)
+    return _load_into(lambda: Discriminator(**config), state, path, "discriminator", file_keys)
+
+
+# Limits of the configs msgan builds networks from. A config is read from a file, and is checked before anything is
+# built from it: a hostile or corrupt one must give an error, not a huge allocation or a traceback.
+# Past these, even building the network on the meta device fails (sizes overflow int64) or takes very long.
+MAX_RESOLUTION_LOG2 = 16      # 65536 x 65536, far beyond any GAN
+MAX_WIDTH = 2**16             # channels, z_dim, w_dim: 128x StyleGAN2's widest layer
+MAX_MAPPING_LAYERS = 64       # StyleGAN2 has 8
+GENERATOR_ARCHS = ("stylegan2", "mobilestylegan")
+
+
+def _config_error(path, what, key, value, expected):
+    return CheckpointError(f"{path}: {what}: config {key!r} is {_short(value)}, expected {expected}")
+
+
+def _is_count(value, limit):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= limit
+
+
+def _check_channels(config, path, what, min_len):
+    channels, max_len = config.get("channels"), MAX_RESOLUTION_LOG2 - 1
+    if not (isinstance(channels, (list, tuple)) and min_len <= len(channels) <= max_len
+            and all(_is_count(c, MAX_WIDTH) for c in channels)):
+        raise _config_error(path, what, "channels", channels, f"a list of {min_len} to {max_len} ints in "
+                            f"1..{MAX_WIDTH} (the widths at 4, 8, 16, ...)")
+
+
+def _check_clamp(config, path, what):
+    clamp = config.get("conv_clamp")
+    if clamp is not None and not (isinstance(clamp, (int, float)) and not isinstance(clamp, bool)
+                                  and math.isfinite(clamp) and clamp > 0):
+        raise _config_error(path, what, "conv_clamp", clamp, "None or a positive number")
+
+
+def _check_generator_config(config, path, what):
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: {what}: config is a {type(config).__name__}, not a dict")
+    if config.get("arch") not in GENERATOR_ARCHS:
+        raise _config_error(path, what, "arch", config.get("arch"), " or ".join(map(repr, GENERATOR_ARCHS)))
+    for key, limit in (("z_dim", MAX_WIDTH), ("w_dim", MAX_WIDTH), ("mapping_layers", MAX_MAPPING_LAYERS)):
+        if not _is_count(config.get(key), limit):
+            raise _config_error(path, what, key, config.get(key), f"an int in 1..{limit}")
+    _check_channels(config, path, what, min_len=2 if config["arch"] == "mobilestylegan" else 1)  # >= 1 block
+    if not isinstance(config.get("folded", False), bool):
+        raise _config_error(path, what, "folded", config["folded"], "True or False")
+    _check_clamp(config, path, what)
+
+
+def _check_discriminator_config(config, path, what):
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: {what}: config is a {type(config).__name__}, not a dict")
+    _check_channels(config, path, what, min_len=1)
+    resolution = 4 * 2 ** (len(config["channels"]) - 1)
+    if config.get("img_resolution") != resolution:
+        raise _config_error(path, what, "img_resolution", config.get("img_resolution"),
+                            f"{resolution} (for {len(config['channels'])} channel widths)")
+    if not _is_count(config.get("stddev_group", Discriminator.STDDEV_GROUP), math.inf):
+        raise _config_error(path, what, "stddev_group", config["stddev_group"], "a positive int")
+    _check_clamp(config, path, what)
 
 
 def _build(entry, path, part):
+    """A network from a msgan checkpoint's entry {"config", "state_dict"}."""
+    if not (isinstance(entry, dict) and "config" in entry and "state_dict" in entry):
+        raise CheckpointError(f"{path}: {part} is not a dict with 'config' and 'state_dict'")
+    config = entry["config"]
     if part == "discriminator":
-        config = entry["config"]  # files written before conv_clamp / stddev_group existed lack them
-        D = Discriminator(config["img_resolution"], config["channels"], config.get("conv_clamp"),
-                          config.get("stddev_group", Discriminator.STDDEV_GROUP))
-        return _load_into(D, entry["state_dict"], path, part)
-    return _load_into(Generator(entry["config"]), entry["state_dict"], path, part)
+        _check_discriminator_config(config, path, part)
+        # files written before conv_clamp / stddev_group existed lack them
+        make = functools.partial(Discriminator, config["img_resolution"], config["channels"],
+                                 config.get("conv_clamp"), config.get("stddev_group", Discriminator.STDDEV_GROUP))
+    else:
+        _check_generator_config(config, path, part)
+        make = functools.partial(Generator, config)
+    return _load_into(make, _tensors(entry["state_dict"], path, f"{part} state_dict"), path, part)
 
 
 def load(src, device="cpu", part="generator"):
@@ -1416,36 +1623,48 @@ def load(src, device="cpu", part="generator"):
     part: "generator" (the student of an official checkpoint, G_ema of an NVIDIA pickle, else the stored
     generator), "teacher" (the StyleGAN2 network of the file: the teacher of an official or distillation
     checkpoint, else its StyleGAN2 generator) or "discriminator".
-    Returns the module in eval mode on `device`. Raises CheckpointError with a one-line reason.
+    Returns the module in eval mode on `device`, float32 with finite weights (tensors stored in another float
+    precision are converted, with a warning). Raises CheckpointError (DownloadError for "ffhq") with a one-line
+    reason that names the file and the key; nothing in a file is ever run.
     """
     if part not in ("generator", "teacher", "discriminator"):
         raise ValueError(f"part must be 'generator', 'teacher' or 'discriminator', got {part!r}")
     path = pretrained_path(src) if src in PRETRAINED else os.fspath(src)
     if _is_bare_pickle(path):
         return _from_nvidia(read_nvidia_pickle(path), path, part).to(device).eval()
-    ckpt = read_checkpoint(path)
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:
+        if src in FETCHED:  # e.g. a disk that filled up under an older msgan, which wrote in place
+            raise CheckpointError(f"{e}; delete it, and msgan.load({src!r}) imports it again") from None
+        raise
     if ckpt.get("format") == FORMAT_NAME:
-        if ckpt.get("version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: msgan checkpoint version {ckpt.get('version')} is not supported")
-        if part == "teacher" and part not in ckpt and ckpt.get("generator", {}).get("config", {}).get("arch") == "stylegan2":
+        if not (isinstance(ckpt.get("version"), int) and ckpt["version"] == FORMAT_VERSION):
+            raise CheckpointError(f"{path}: msgan checkpoint version {_short(ckpt.get('version'))} is not supported")
+        stored = [k for k in ("generator", "teacher", "discriminator") if k in ckpt]
+        generator = ckpt.get("generator")
+        if (part == "teacher" and part not in ckpt and isinstance(generator, dict)
+                and isinstance(generator.get("config"), dict) and generator["config"].get("arch") == "stylegan2"):
             part = "generator"  # a trained teacher is saved as the file's generator
         if part not in ckpt:
-            raise CheckpointError(f"{path}: holds no {part} (it has: {', '.join(k for k in ckpt if k in ('generator', 'teacher', 'discriminator'))})")
+            raise CheckpointError(f"{path}: holds no {part} (it has: {', '.join(stored)})")
         net = _build(ckpt[part], path, part)
     elif "g_ema" in ckpt or "g" in ckpt:
         if part == "discriminator":
             net = _discriminator_from_state(_get(ckpt, "d", path), path)
         else:
             net = _from_rosinality(ckpt, path)
-    elif isinstance(ckpt.get("state_dict"), dict) and any(k.startswith("mapping_net.") for k in ckpt["state_dict"]):
+    elif isinstance(ckpt.get("state_dict"), dict) and any(isinstance(k, str) and k.startswith("mapping_net.")
+                                                          for k in ckpt["state_dict"]):
         if part == "discriminator":
+            state = _tensors(ckpt["state_dict"], path, "state_dict")
             prefix = "loss.gan_loss.m."
-            state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-            net = _discriminator_from_state(state, path)
+            file_keys = {k[len(prefix):]: k for k in state if k.startswith(prefix)}
+            net = _discriminator_from_state({k: state[v] for k, v in file_keys.items()}, path, file_keys)
         else:
             net = _from_official(ckpt, path, part)
     else:
-        keys = ", ".join(list(map(str, ckpt))[:5])
+        keys = ", ".join(_short(k) for k in list(ckpt)[:5])
         raise CheckpointError(f"{path}: unknown checkpoint format (top-level keys: {keys})")
     return net.to(device).eval()
 

@@ -25,28 +25,52 @@ import msgan
 
 PEAK_TO_PEAK = 2.0       # images span [-1, 1]: the PSNR peak
 GRID_TILE = 256          # grid tiles are downscaled to at most this many pixels
+GRID_MAX_IMAGES = 256    # grid.jpg shows the first 256 images (16 x 16 tiles)
 GIF_SIZE = 256           # GIF frames, pixels
 GIF_FRAME_MS = 40        # 25 frames per second
 BENCH_WARMUP, BENCH_RUNS = 2, 10
+# Command-line limits: past them a count is a typo, and would exhaust memory, disk or time before giving a result.
+MAX_IMAGES = 1_000_000   # -n / --seeds: a million 1024x1024 PNGs fill about 1.5 TB
+MAX_BATCH = 1024         # a larger batch is no faster, only closer to running out of memory
+MAX_GIF_FRAMES = 3000    # all frames of --interpolate (2 minutes at 25 fps, ~600 MB) are held until written
+SEED_LIMIT = 2**64       # torch.Generator seeds are unsigned 64-bit integers
 
 
 def parse_seeds(text):
     """'0-63' -> [0..63]; '1,5,9' -> [1, 5, 9]; combinations such as '0-3,10'."""
-    seeds = []
+    ranges = []
     for part in text.split(","):
         lo, _, hi = part.partition("-")
         if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
             raise argparse.ArgumentTypeError(f"bad seed list {text!r} (expected e.g. 0-63 or 1,5,9)")
-        seeds += range(int(lo), int(hi) + 1) if hi else [int(lo)]
-    if not seeds:
+        ranges.append(range(int(lo), int(hi or lo) + 1))
+    if any(r.stop > SEED_LIMIT for r in ranges):
+        raise argparse.ArgumentTypeError(f"seed list {text!r}: seeds must be below 2**64")
+    count = sum(len(r) for r in ranges)  # counted before the list is made: '0-99999999999' is a typo
+    if count > MAX_IMAGES:
+        raise argparse.ArgumentTypeError(f"seed list {text!r} has {count} seeds, more than {MAX_IMAGES}")
+    if count == 0:
         raise argparse.ArgumentTypeError(f"seed list {text!r} is empty")
-    return seeds
+    return [seed for r in ranges for seed in r]
 
 
-def positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+def int_in(lo, hi):
+    """argparse type: an integer in lo..hi (anything else is a usage error, exit 2)."""
+    def parse(text):
+        if not text.strip().isdigit() or not lo <= int(text) <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {text!r}")
+        return int(text)
+    return parse
+
+
+def finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def seeded_inputs(G, seeds, noise_mode, device):
@@ -66,15 +90,22 @@ def to_uint8(img):
 
 
 def save_image(array, path, **kwargs):
-    """Write atomically: a temp file in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=os.path.splitext(path)[1])
+    """Write atomically: a temp file in the same folder, then rename. A full disk or an interrupt leaves no
+    half-written file; an OSError names `path`, not the temp file."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-",
+                                   suffix=os.path.splitext(path)[1])
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         image = array if isinstance(array, Image.Image) else Image.fromarray(array)
         image.save(tmp, **kwargs)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 
@@ -158,23 +189,29 @@ def benchmark(G, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ffhq", help="pretrained name (ffhq) or checkpoint path")
-    parser.add_argument("-n", type=positive_int, default=None, help="number of images (seeds --seed .. --seed+n-1)")
-    parser.add_argument("--seed", type=int, default=0, help="first seed with -n (default 0)")
+    parser.add_argument("-n", type=int_in(1, MAX_IMAGES), default=None,
+                        help="number of images (seeds --seed .. --seed+n-1)")
+    parser.add_argument("--seed", type=int_in(0, SEED_LIMIT - 1), default=0, help="first seed with -n (default 0)")
     parser.add_argument("--seeds", type=parse_seeds, help="explicit seeds, e.g. 0-63 or 1,5,9")
-    parser.add_argument("--trunc", type=float, default=1.0, help="truncation psi (1 = none)")
+    parser.add_argument("--trunc", type=finite_float, default=1.0, help="truncation psi (1 = none)")
     parser.add_argument("--noise-mode", choices=["const", "random", "none"], default="const")
-    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--batch", type=int_in(1, MAX_BATCH), default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--outdir", default="out")
     parser.add_argument("--compare", metavar="TEACHER",
                         help="also run this file's StyleGAN2 teacher: writes teacher | student pairs, prints the PSNR")
     parser.add_argument("--interpolate", action="store_true", help="write a looping GIF through the seeds")
-    parser.add_argument("--frames", type=positive_int, default=24, help="GIF frames per seed transition")
+    parser.add_argument("--frames", type=int_in(1, MAX_GIF_FRAMES), default=24, help="GIF frames per seed transition")
     parser.add_argument("--bench", action="store_true", help="print median ms/image and exit")
     args = parser.parse_args(argv)
     if args.seeds is not None and args.n is not None:
         parser.error("give either -n or --seeds, not both")
-    seeds = args.seeds or list(range(args.seed, args.seed + (args.n or 8)))
+    count = args.n or 8
+    if args.seeds is None and args.seed + count > SEED_LIMIT:
+        parser.error("--seed plus -n: seeds must be below 2**64")
+    seeds = args.seeds or list(range(args.seed, args.seed + count))
+    if args.interpolate and len(seeds) * args.frames > MAX_GIF_FRAMES:
+        parser.error(f"--interpolate: {len(seeds)} seeds x {args.frames} frames is more than {MAX_GIF_FRAMES} frames")
 
     try:
         device = torch.device(args.device)
@@ -197,15 +234,16 @@ def main(argv=None):
             interpolate_gif(G, seeds, args.trunc, args.frames, device, path)
             print(f"wrote {path}")
             return 0
-        images = []
+        grid = []  # only what the grid shows is kept in memory
         progress = Progress(len(seeds), "images")
         psnrs = []
         for seed, array, psnr in generate(G, seeds, args.trunc, args.noise_mode, args.batch, device, teacher, progress):
             save_image(array, os.path.join(args.outdir, f"seed{seed:04d}.png"))
-            images.append(array)
+            if len(grid) < GRID_MAX_IMAGES:
+                grid.append(array)
             psnrs.append(psnr)
-        save_image(make_grid(images), os.path.join(args.outdir, "grid.jpg"), quality=90)
-        print(f"wrote {len(images)} images and grid.jpg to {os.path.abspath(args.outdir)}")
+        save_image(make_grid(grid), os.path.join(args.outdir, "grid.jpg"), quality=90)
+        print(f"wrote {len(seeds)} images and grid.jpg to {os.path.abspath(args.outdir)}")
         if teacher is not None:
             print(f"student vs teacher: PSNR {statistics.mean(psnrs):.2f} dB (mean of {len(psnrs)} images, "
                   f"min {min(psnrs):.2f})")

@@ -6,21 +6,31 @@ temporary folder with torch.save and read back through msgan.load, exactly as a 
 
     python -m pytest -q test_msgan.py
 """
+import collections
+import errno
+import functools
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
 import pickle
 import pickletools
+import random
 import re
+import shutil
 import signal
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 import types
 import urllib.error
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -1569,6 +1579,801 @@ def test_sample_and_onnx_export_of_an_nvidia_pickle(tmp_path, capsys):
     _, w, _ = random_inputs(G, 3)
     with torch.no_grad():
         assert max_abs(session(synthesis).run(None, {"w": w.numpy()})[0], G.synthesis(w)) <= TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile inputs. A corpus of broken, malicious and absurd inputs, made here from the public golden data with a
+# fixed seed (no corpus file is committed), for every loader: msgan.load (msgan, rosinality, official and NVIDIA
+# files, every part they hold), the random-face wheel import, and fid.py's image folders and stats files.
+# The contract, for every case: the loader returns a working result (a float32 network with finite weights that
+# runs; images in [0, 1]; finite statistics), or raises its one error type with a one-line message that names the
+# file (and a key, where a tensor or config entry was edited), or skips the entry as documented. Never another
+# exception, and nothing in a file ever runs.
+
+CORPUS_SEED = 11
+LOADED, ERROR, SKIPPED = "loaded", "clean error", "skipped"
+CONVERTED = "loaded, with a warning that it converted tensors to float32"
+# run() loads path; an error must say one of `says` (a key name, ...); expect: the one outcome allowed, if any
+Case = collections.namedtuple("Case", "name path run says expect", defaults=(None, None))
+DROPPED = re.compile(r".*(kernel|idwt|device_info).*")  # fixed filters and bookkeeping: the converters drop them
+
+
+class Payload:
+    """Unpickling this runs code: builtins.exec, which creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def poke(t, rng, value):
+    """A copy of float tensor t with one random element set to value."""
+    t = t.clone()
+    t.view(-1)[rng.randrange(t.numel())] = value
+    return t
+
+
+TENSOR_EDITS = {  # edit of one tensor -> the loader refuses it, naming a key (or loads what it means, unharmed)
+    "NaN": lambda t, rng: poke(t, rng, float("nan")),
+    "inf": lambda t, rng: poke(t, rng, -float("inf")),
+    "float64 beyond float32": lambda t, rng: poke(t.double(), rng, 1e300),
+    "wrong size": lambda t, rng: torch.zeros(*t.shape[:-1], t.shape[-1] + 1) if t.ndim else torch.zeros(2),
+    "wrong rank": lambda t, rng: t[None, None],
+    "empty": lambda t, rng: torch.zeros(0),
+    "0-dim": lambda t, rng: torch.tensor(0.5),
+    "int64": lambda t, rng: t.long(),
+    "complex": lambda t, rng: t.to(torch.complex64),
+    "a string": lambda t, rng: "0.1 0.2 0.3",
+    "None": lambda t, rng: None,
+    "a list": lambda t, rng: t.tolist(),
+    "a dict": lambda t, rng: {"weight": t},
+}
+CONVERTED_EDITS = {  # another float precision: loads as float32, with a warning
+    "float64": lambda t: t.double(),
+    "float16": lambda t: t.half(),
+    "bfloat16": lambda t: t.bfloat16(),
+}
+KEY_EDITS = {  # edit of the dict around a key
+    "removed": lambda state, key: state.pop(key),
+    "renamed": lambda state, key: state.update({key + "_": state.pop(key)}),
+    "extra key": lambda state, key: state.update({key + ".extra": state[key]}),
+    "extra key with a newline": lambda state, key: state.update({key + "\nsecond line": state[key]}),
+}
+BYTE_EDITS = {  # edit of a file's bytes (the error, if any, need not name a key)
+    "8 bytes flipped": lambda data, rng: flip_bytes(data, rng, 8),
+    "1 byte flipped": lambda data, rng: flip_bytes(data, rng, 1),
+    "truncated": lambda data, rng: data[:rng.randrange(len(data))],
+    "first 64 bytes random": lambda data, rng: rng.randbytes(64) + data[64:],
+    "garbage appended": lambda data, rng: data + rng.randbytes(100_000),
+    "empty file": lambda data, rng: b"",
+}
+
+
+def flip_bytes(data, rng, count, start=0):
+    data = bytearray(data)
+    for _ in range(count):
+        data[rng.randrange(start, len(data))] ^= rng.randrange(1, 256)
+    return bytes(data)
+
+
+def numbered(folder, suffix):
+    """The next free file name in folder: 0000{suffix}, 0001{suffix}, ..."""
+    return folder / f"{len(list(folder.iterdir())):04d}{suffix}"
+
+
+def assert_working_network(net):
+    for key, value in net.state_dict().items():
+        assert value.dtype == torch.float32 and torch.isfinite(value).all(), key
+    with torch.no_grad():
+        if isinstance(net, msgan.Discriminator):
+            assert net(torch.zeros(1, 3, net.img_resolution, net.img_resolution)).shape == (1, 1)
+        else:
+            assert net(torch.zeros(1, net.z_dim)).shape == (1, 3, net.img_resolution, net.img_resolution)
+
+
+def outcome(case, error_types):
+    """LOADED, ERROR or SKIPPED; an AssertionError (or the escaped exception) if the case breaks the contract."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = case.run()
+        except error_types as e:
+            message = str(e)
+            assert "\n" not in message and str(case.path) in message, f"message {message!r}"
+            says = [case.says] if isinstance(case.says, str) else case.says or []
+            assert not says or any(s in message for s in says), f"message {message!r} names none of {says[:3]}"
+            return ERROR
+    if isinstance(result, torch.nn.Module):
+        assert_working_network(result)
+        converted = any("converted" in str(w.message) for w in caught)
+        assert converted == (case.expect == CONVERTED), f"converted: {converted}"  # never a silent dtype change
+    return SKIPPED if result is SKIPPED else LOADED
+
+
+def check_case(case, error_types):
+    result = outcome(case, error_types)
+    assert case.expect is None or result == case.expect or (result, case.expect) == (LOADED, CONVERTED), \
+        f"{result}, expected {case.expect}"
+    return result
+
+
+# --- msgan.load: torch files ---------------------------------------------------------------------
+
+
+def torch_sources(folder, ref, dref, student, teacher, D):
+    """(format, checkpoint, part, where its state dict is, the keys that part reads) for msgan.load. An error
+    may name a key as the file names it, or, for a missing one, as msgan names it."""
+    rosinality = {"g_ema": ref["rosinality"]["checkpoint"]["g_ema"], "latent_avg":
+                  ref["rosinality"]["checkpoint"]["latent_avg"], "d": dref["checkpoint"]["d"]}
+    official = ref["mobilestylegan"]["checkpoint"]
+    msgan.save(folder / "msgan.pt", generator=student, teacher=teacher, discriminator=D)
+    msgan_ckpt = torch.load(folder / "msgan.pt", weights_only=True)
+    official_keys = {part: [k for k in official["state_dict"] if k.startswith(prefixes)]
+                     for part, prefixes in (("generator", ("student.", "mapping_net.", "style_mean")),
+                                            ("teacher", ("synthesis_net.", "mapping_net.", "style_mean")))}
+    return [
+        ("rosinality", rosinality, "generator", ("g_ema",), list(rosinality["g_ema"]), teacher),
+        ("rosinality", rosinality, "discriminator", ("d",), list(rosinality["d"]), D),
+        ("official", official, "generator", ("state_dict",), official_keys["generator"], student),
+        ("official", official, "teacher", ("state_dict",), official_keys["teacher"], teacher),
+        *[("msgan", msgan_ckpt, part, (part, "state_dict"), list(msgan_ckpt[part]["state_dict"]), net)
+          for part, net in (("generator", student), ("teacher", teacher), ("discriminator", D))],
+    ]
+
+
+def edited(ckpt, where, edit):
+    """A copy of ckpt whose dict at ckpt[where[0]][where[1]]... went through edit(dict); the rest is shared."""
+    ckpt = dict(ckpt)
+    if where:
+        ckpt[where[0]] = edited(ckpt[where[0]], where[1:], edit)
+    else:
+        edit(ckpt)
+    return ckpt
+
+
+def torch_file_case(folder, name, ckpt, part, says, expect=None):
+    path = numbered(folder, ".pt")
+    torch.save(ckpt, path)
+    return Case(name, path, functools.partial(msgan.load, path, part=part), says, expect)
+
+
+def torch_file_corpus(folder, rng, sources, payload):
+    cases = []
+    for fmt, ckpt, part, where, keys, net in sources:
+        what, names = f"{fmt} {part}", keys + list(net.state_dict())
+        for edit_name, edit in TENSOR_EDITS.items():
+            for key in rng.sample(keys, 2):
+                new = edited(ckpt, where, lambda state: state.update({key: edit(state[key], rng)}))
+                cases.append(torch_file_case(folder, f"{what}: {key} {edit_name}", new, part, names))
+        used = [key for key in keys if not DROPPED.fullmatch(key)]
+        for edit_name, edit in CONVERTED_EDITS.items():
+            key = rng.choice(used)
+            new = edited(ckpt, where, lambda state: state.update({key: edit(state[key])}))
+            cases.append(torch_file_case(folder, f"{what}: {key} as {edit_name}", new, part, names, CONVERTED))
+        new = edited(ckpt, where, lambda state: state.update({k: CONVERTED_EDITS["float16"](v)
+                                                              for k, v in state.items()}))
+        cases.append(torch_file_case(folder, f"{what}: every tensor float16", new, part, names, CONVERTED))
+        for edit_name, edit in KEY_EDITS.items():
+            key = rng.choice(keys)
+            new = edited(ckpt, where, lambda state: edit(state, key))
+            cases.append(torch_file_case(folder, f"{what}: {key} {edit_name}", new, part, names))
+        new = edited(ckpt, where, lambda state: state.update({rng.choice(keys): payload}))
+        cases.append(torch_file_case(folder, f"{what}: a code payload for a tensor", new, part, "exec", ERROR))
+        new = edited(ckpt, where[:-1], lambda parent: parent.update({where[-1]: "not a dict"}))
+        cases.append(torch_file_case(folder, f"{what}: {where[-1]} is a string", new, part, where[-1], ERROR))
+    return cases
+
+
+MSGAN_CONFIG_EDITS = {  # msgan checkpoint: the config a network is built from
+    "generator": {"channels": [[], [0, 8], "512,512", [2**40] * 3, [8] * 40], "z_dim": [-1, 2**31, "512", 5.5],
+                  "mapping_layers": [10**9], "arch": ["stylegan3"], "conv_clamp": [float("nan"), -1.0],
+                  "folded": ["yes"]},
+    "teacher": {"w_dim": [None, 0, True], "conv_clamp": ["256"]},
+    "discriminator": {"img_resolution": [48, 2**40], "stddev_group": [0, -4, 2.5], "channels": [None]},
+}
+
+
+def msgan_config_corpus(folder, sources):
+    (_, ckpt, *_), = [s for s in sources if s[0] == "msgan" and s[2] == "generator"]
+    cases = []
+    for part, edits in MSGAN_CONFIG_EDITS.items():
+        for key, values in edits.items():
+            for value in values:
+                new = edited(ckpt, (part, "config"), lambda config: config.update({key: value}))
+                cases.append(torch_file_case(folder, f"msgan {part}: config {key} = {value!r}", new, part, key, ERROR))
+        new = edited(ckpt, (part,), lambda entry: entry.update(config="not a dict"))
+        cases.append(torch_file_case(folder, f"msgan {part}: config is a string", new, part, "config", ERROR))
+    for version in (2, "1", torch.ones(3)):
+        cases.append(torch_file_case(folder, f"msgan: version {version!r}", {**ckpt, "version": version},
+                                     "generator", "version", ERROR))
+    return cases
+
+
+def byte_corpus(folder, rng, files):
+    """Every BYTE_EDITS edit of each (file, part), three random variants of the random ones."""
+    cases = []
+    for source, part in files:
+        data = Path(source).read_bytes()
+        for edit_name, edit in BYTE_EDITS.items():
+            for variant in range(1 if edit_name in ("empty file", "garbage appended") else 3):
+                path = numbered(folder, Path(source).suffix)
+                path.write_bytes(edit(data, rng))
+                cases.append(Case(f"{Path(source).name} ({part}): {edit_name} #{variant}", path,
+                                  functools.partial(msgan.load, path, part=part)))
+    return cases
+
+
+# --- msgan.load: NVIDIA pickles --------------------------------------------------------------------
+
+
+def nvidia_tensor_slots(network):
+    """(record, field, name) of every tensor of an NVIDIA network, as in its state_dict (key prefix + name)."""
+    return [(prefix + name, module.state[field], name) for prefix, module in msgan._nvidia_modules(network, "")
+            for field in ("_parameters", "_buffers") for name, v in module.state[field].items() if v is not None]
+
+
+NVIDIA_ATTRIBUTE_EDITS = [  # (network, module key, attribute, value)
+    ("G_ema", "", "c_dim", "ten"), ("G_ema", "synthesis.b8", "architecture", 3),
+    ("G_ema", "synthesis.b8.conv0", "conv_clamp", "256"), ("G_ema", "synthesis.b8.conv0", "conv_clamp", float("nan")),
+    ("G_ema", "mapping.fc0", "bias_gain", None), ("G_ema", "mapping.fc1", "bias_gain", float("inf")),
+    ("D", "b4.mbstd", "group_size", 0), ("D", "b4.mbstd", "num_channels", "1"), ("D", "", "c_dim", [1]),
+]
+
+
+def nvidia_corpus(folder, rng, write, payload):
+    cases = []
+
+    def add(name, part, says, edit, expect=None):
+        snapshot = msgan.read_nvidia_pickle(NV_PKL)
+        edit(snapshot)
+        path = write(snapshot, numbered(folder, ".pkl"))
+        cases.append(Case(name, path, functools.partial(msgan.load, path, part=part), says, expect))
+
+    for network, part in (("G_ema", "generator"), ("D", "discriminator")):
+        keys = [key for key, _, _ in nvidia_tensor_slots(msgan.read_nvidia_pickle(NV_PKL)[network])]
+        names = keys + list(msgan.load(NV_PKL, part=part).state_dict())
+        edits = {**{name: (edit, None) for name, edit in TENSOR_EDITS.items()},
+                 **{name: (lambda t, rng, convert=convert: convert(t), CONVERTED)
+                    for name, convert in CONVERTED_EDITS.items()}}
+        for edit_name, (edit, expect) in edits.items():
+            key = rng.choice([k for k in keys if not k.endswith("resample_filter")])  # checked, not loaded
+
+            def change(snapshot, key=key, edit=edit):
+                (_, slots, name), = [s for s in nvidia_tensor_slots(snapshot[network]) if s[0] == key]
+                slots[name] = edit(slots[name], rng)
+            add(f"NVIDIA {network}: {key} {edit_name}", part, names, change, expect)
+        key = rng.choice(keys)
+
+        def remove(snapshot, key=key):
+            (_, slots, name), = [s for s in nvidia_tensor_slots(snapshot[network]) if s[0] == key]
+            del slots[name]
+        add(f"NVIDIA {network}: {key} removed", part, names, remove)
+        add(f"NVIDIA {network}: a code payload for the network", part, "exec",
+            lambda snapshot: snapshot.update({network: payload}), ERROR)
+    for network, module, attribute, value in NVIDIA_ATTRIBUTE_EDITS:
+        def change(snapshot, network=network, module=module, attribute=attribute, value=value):
+            dict(msgan._nvidia_modules(snapshot[network], ""))[module + "." if module else ""].state[attribute] = value
+        add(f"NVIDIA {network}: {module or network}.{attribute} = {value!r}",
+            "discriminator" if network == "D" else "generator", [attribute, module or attribute], change, ERROR)
+    return cases
+
+
+# --- the random-face wheel ----------------------------------------------------------------------
+
+
+def wheel_corpus(folder, rng, wheel):
+    """Damaged and edited copies of the random-face wheel, each read by msgan.import_random_face."""
+    data = Path(wheel).read_bytes()
+    copies = {
+        "truncated in the IR": data[:len(data) // 2],
+        "truncated at the end": data[:-100],
+        "bytes flipped in the IR": flip_bytes(data, rng, 4, start=len(data) // 10),
+        "empty file": b"",
+        "not a zip": b"<html>404 Not Found</html>",
+    }
+    cases = []
+    for name, content in copies.items():
+        path = folder / f"{len(cases)}-{msgan.RANDOM_FACE_WHEEL}"
+        path.write_bytes(content)
+        cases.append(Case(f"wheel: {name}", path, functools.partial(msgan.import_random_face, path)))
+    ir = "random_face/data/SynthesisNetwork.bin"
+    for name, replace in (("IR edited (one weight)", lambda member, content: flip_bytes(content, rng, 1)
+                           if member == ir else content),
+                          ("an IR file missing", lambda member, content: None if member == ir else content)):
+        path = folder / f"{len(cases)}-{msgan.RANDOM_FACE_WHEEL}"
+        with zipfile.ZipFile(wheel) as original, zipfile.ZipFile(path, "w") as tampered:  # stored: quick to write
+            for member in original.namelist():
+                content = replace(member, original.read(member))
+                if content is not None:
+                    tampered.writestr(member, content)
+        cases.append(Case(f"wheel: {name}", path, functools.partial(msgan.import_random_face, path), ir, ERROR))
+    return cases
+
+
+# --- fid.py: image folders and stats files --------------------------------------------------------
+
+
+def write_bomb(path, width, height):
+    """A PNG that declares width x height pixels (IHDR) and holds none: what a decompression bomb looks like to
+    PIL.Image.open, which must refuse it before decoding anything."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def rgb(size=16, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def write_animated(path):
+    frames = [rgb(seed=i) for i in range(3)]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+
+
+HOSTILE_IMAGES = {  # file name -> (writer, expected outcome, what the message says)
+    "cmyk.jpg": (lambda p: rgb().convert("CMYK").save(p), LOADED, None),
+    "palette.png": (lambda p: rgb().convert("P").save(p), LOADED, None),
+    "palette_transparency.png": (lambda p: rgb().convert("P").save(p, transparency=0), LOADED, None),
+    "gray_alpha.png": (lambda p: rgb().convert("LA").save(p), LOADED, None),
+    "one_bit.bmp": (lambda p: rgb().convert("1").save(p), LOADED, None),
+    "animated.png": (write_animated, LOADED, None),     # first frame, as pytorch-fid
+    "animated.webp": (write_animated, LOADED, None),
+    "thin.png": (lambda p: Image.new("RGB", (10_000, 1)).save(p), LOADED, None),
+    "gray16.png": (lambda p: Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(p), ERROR, "16-bit"),
+    "gray16.tif": (lambda p: Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(p), ERROR, "16-bit"),
+    "float.tif": (lambda p: Image.fromarray(np.ones((16, 16), np.float32)).save(p), ERROR, "float"),
+    "bomb.png": (lambda p: write_bomb(p, 100_000, 100_000), ERROR, "decompression bomb"),
+    "just_over_the_limit.png": (lambda p: write_bomb(p, 10_000, 10_000), ERROR, "decompression bomb"),
+    "zero_bytes.png": (lambda p: p.write_bytes(b""), ERROR, "cannot read image"),
+    "text.jpg": (lambda p: p.write_text("this is not an image"), ERROR, "cannot read image"),
+    "truncated.png": (lambda p: p.write_bytes(png_bytes()[:200]), ERROR, "cannot read image"),
+    "folder.png": (lambda p: p.mkdir(), SKIPPED, None),
+    "dangling_link.png": (lambda p: p.symlink_to(p.parent / "nowhere"), SKIPPED, None),
+    "UPPER.PNG": (lambda p: rgb().save(p, format="PNG"), SKIPPED, None),  # pytorch-fid's globs are case-sensitive
+}
+
+
+def png_bytes(image=None):
+    buffer = io.BytesIO()
+    (image or rgb(64)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_case(folder, name, write, says=None, expect=None):
+    """A folder with one good image and the hostile entry `name`, read as fid.py reads an image folder."""
+    folder.mkdir()
+    rgb(seed=1).save(folder / "good.png")
+    write(folder / name)
+
+    def run():
+        paths = fid.list_images(folder)
+        assert folder / "good.png" in paths
+        if folder / name not in paths:
+            return SKIPPED
+        for batch in fid.folder_batches(paths, 1):
+            assert batch.dtype == torch.float32 and 0 <= batch.min() and batch.max() <= 1
+        return LOADED
+    return Case(f"image folder: {name}", folder / name, run, says, expect)
+
+
+def image_corpus(folder, rng):
+    cases = [image_case(folder / f"named{i}", name, write, says, expect)
+             for i, (name, (write, expect, says)) in enumerate(HOSTILE_IMAGES.items())]
+    for fmt in ("png", "jpeg", "bmp", "tiff", "webp", "ppm"):
+        buffer = io.BytesIO()
+        rgb(64).save(buffer, format=fmt.upper())
+        for edit_name in ("8 bytes flipped", "1 byte flipped", "truncated", "first 64 bytes random"):
+            content = BYTE_EDITS[edit_name](buffer.getvalue(), rng)
+            name = f"{edit_name.replace(' ', '_')}.{fmt}"
+            cases.append(image_case(folder / f"{fmt}-{len(cases)}", name,
+                                    lambda p, content=content: p.write_bytes(content)))
+    return cases
+
+
+HOSTILE_STATS = {  # name -> (the arrays in the file (one: an .npy), what the error says; None: it loads)
+    "pytorch-fid's": (dict(mu=np.zeros(8), sigma=np.eye(8)), None),
+    "float32": (dict(mu=np.zeros(8, np.float32), sigma=np.eye(8, dtype=np.float32)), None),
+    "other keys": (dict(m=np.zeros(8), s=np.eye(8)), "'mu' and 'sigma'"),
+    "no sigma": (dict(mu=np.zeros(8)), "'mu' and 'sigma'"),
+    "mu 2-D": (dict(mu=np.zeros((8, 8)), sigma=np.eye(8)), "do not fit"),
+    "sigma not square": (dict(mu=np.zeros(8), sigma=np.zeros((8, 7))), "do not fit"),
+    "sizes differ": (dict(mu=np.zeros(8), sigma=np.eye(9)), "do not fit"),
+    "empty": (dict(mu=np.zeros(0), sigma=np.zeros((0, 0))), "do not fit"),
+    "strings": (dict(mu=np.array(["0"] * 8), sigma=np.eye(8)), "dtype"),
+    "complex": (dict(mu=np.zeros(8, np.complex128), sigma=np.eye(8)), "dtype"),
+    "NaN in mu": (dict(mu=np.full(8, np.nan), sigma=np.eye(8)), "NaN"),
+    "inf in sigma": (dict(mu=np.zeros(8), sigma=np.diag(np.full(8, np.inf))), "NaN or inf"),
+    "objects (a pickle)": (dict(mu=np.array([object()] * 8), sigma=np.eye(8)), "'mu' and 'sigma'"),
+    "a .npy, not an .npz": (np.zeros(8), "'mu' and 'sigma'"),
+}
+
+
+def load_stats_checked(path):
+    mu, sigma = fid.load_stats(path)
+    assert mu.dtype == sigma.dtype == np.float64 and sigma.shape == (len(mu), len(mu))
+    assert np.isfinite(mu).all() and np.isfinite(sigma).all()
+    return LOADED
+
+
+def write_stats(path, arrays):
+    with open(path, "wb") as f:  # a file object: numpy adds no suffix
+        if isinstance(arrays, dict):
+            np.savez(f, **arrays, allow_pickle=True)  # the writer allows object arrays; fid.py must refuse them
+        else:
+            np.save(f, arrays)
+    return path
+
+
+def stats_corpus(folder, rng):
+    cases = [Case(f"stats: {name}", write_stats(folder / f"{i}.npz", arrays),
+                  functools.partial(load_stats_checked, folder / f"{i}.npz"), says, LOADED if says is None else ERROR)
+             for i, (name, (arrays, says)) in enumerate(HOSTILE_STATS.items())]
+    good = (folder / "0.npz").read_bytes()
+    for edit_name, edit in BYTE_EDITS.items():
+        for variant in range(1 if edit_name in ("empty file", "garbage appended") else 3):
+            path = folder / f"{len(cases)}.npz"
+            path.write_bytes(edit(good, rng))
+            cases.append(Case(f"stats: {edit_name} #{variant}", path, functools.partial(load_stats_checked, path)))
+    return cases
+
+
+def test_hostile_corpus_every_loader_loads_or_gives_one_clear_error(tmp_path, ref, dref, student, teacher, D,
+                                                                     nvidia_pickler, capsys):
+    """At least 300 hostile inputs; the tally is printed. A case that breaks the contract is listed by name."""
+    rng = random.Random(CORPUS_SEED)
+    marker = tmp_path / "payload-ran"
+    folders = {name: tmp_path / name for name in ("torch", "bytes", "nvidia", "wheel", "images", "stats")}
+    for folder in folders.values():
+        folder.mkdir()
+    sources = torch_sources(tmp_path, ref, dref, student, teacher, D)
+    originals = [(tmp_path / "rosinality.pt", "generator"), (tmp_path / "official.pt", "teacher"),
+                 (tmp_path / "msgan.pt", "discriminator"), (NV_PKL, "generator")]
+    torch.save(sources[0][1], originals[0][0])
+    torch.save(sources[2][1], originals[1][0])
+    wheel = msgan.fetch_random_face_wheel(os.path.join(msgan.WEIGHTS_DIR, "cache"))
+    msgan_errors, fid_errors = (msgan.CheckpointError, msgan.DownloadError), fid.FIDError
+    corpus = [*[(case, msgan_errors) for case in [
+        *torch_file_corpus(folders["torch"], rng, sources, Payload(marker)),
+        *msgan_config_corpus(folders["torch"], sources),
+        *byte_corpus(folders["bytes"], rng, originals),
+        *nvidia_corpus(folders["nvidia"], rng, nvidia_pickler, Payload(marker)),
+        *wheel_corpus(folders["wheel"], rng, wheel)]],
+        *[(case, fid_errors) for case in [*image_corpus(folders["images"], rng), *stats_corpus(folders["stats"], rng)]]]
+    tally, broken = collections.Counter(), []
+    for case, errors in corpus:
+        try:
+            tally[check_case(case, errors)] += 1
+        except Exception as e:  # the contract is broken: go on, and list every such case at the end
+            broken.append(f"{case.name}: {type(e).__name__}: {str(e)[:300]}")
+    with capsys.disabled():
+        print(f"\nhostile corpus: {len(corpus)} cases: {tally[LOADED]} loaded, {tally[ERROR]} clean errors, "
+              f"{tally[SKIPPED]} skipped, {len(broken)} broke the contract")
+    assert not broken, f"{len(broken)} of {len(corpus)} cases broke the contract:\n" + "\n".join(broken)
+    assert len(corpus) >= 300 and not marker.exists()  # no payload ran
+
+
+# --- the guarantees one by one, as readable examples -----------------------------------------------
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_torch_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path, ref, zip_format):
+    """A checkpoint with a __reduce__ payload (here builtins.exec, which would create a file): msgan.load refuses it
+    for every part without running it; torch.load(weights_only=False) on the same file runs it."""
+    marker, path = tmp_path / "ran", tmp_path / "ckpt.pt"
+    ckpt = {**ref["rosinality"]["checkpoint"], "args": Payload(marker)}
+    torch.save(ckpt, path, _use_new_zipfile_serialization=zip_format)
+    for part in ("generator", "teacher", "discriminator"):
+        with pytest.raises(msgan.CheckpointError, match=rf"^{re.escape(str(path))}: refused: it references exec"):
+            msgan.load(path, part=part)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_nan_and_integer_weights_are_refused_naming_the_key(tmp_path, ref):
+    g_ema = dict(ref["rosinality"]["checkpoint"]["g_ema"])
+    key = "convs.2.conv.weight"
+    torch.save({"g_ema": {**g_ema, key: poke(g_ema[key], random.Random(0), float("nan"))}}, tmp_path / "nan.pt")
+    with pytest.raises(msgan.CheckpointError, match=rf"nan\.pt: generator: key '{key}' holds non-finite values"):
+        msgan.load(tmp_path / "nan.pt")
+    torch.save({"g_ema": {**g_ema, key: g_ema[key].long()}}, tmp_path / "int.pt")
+    with pytest.raises(msgan.CheckpointError, match=rf"int\.pt: generator: key '{key}' is a torch.int64"):
+        msgan.load(tmp_path / "int.pt")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_float_precisions_load_as_float32_with_a_warning(tmp_path, ref, r, dtype):
+    """The dtype policy: float64/float16/bfloat16 tensors are converted to float32, and msgan.load says so."""
+    ckpt = ref["rosinality"]["checkpoint"]
+    torch.save({**ckpt, "g_ema": {k: v.to(dtype) for k, v in ckpt["g_ema"].items()}}, tmp_path / "other.pt")
+    name = str(dtype).removeprefix("torch.")
+    with pytest.warns(UserWarning, match=rf"other\.pt: generator: converted \d+ {name} tensors to float32"):
+        G = msgan.load(tmp_path / "other.pt")
+    assert all(v.dtype == torch.float32 for v in G.state_dict().values())
+    tol = {torch.float64: TOL, torch.float16: 0.05, torch.bfloat16: 0.2}[dtype]  # float16/bfloat16: ~3/~2 digits
+    with torch.no_grad():
+        assert_max_abs(G(r["z"]), r["img_z"], tol)
+
+
+def test_absurd_config_is_refused_before_anything_is_built(tmp_path, teacher):
+    """A msgan file whose config claims 2**16-wide layers: refused before a byte is allocated for them."""
+    msgan.save(tmp_path / "ok.pt", generator=teacher)
+    ckpt = torch.load(tmp_path / "ok.pt", weights_only=True)
+    ckpt["generator"]["config"]["channels"] = [2**16] * 9  # built for real: 2**32 * 9 floats per conv, ~1 TB
+    torch.save(ckpt, tmp_path / "huge.pt")
+    with pytest.raises(msgan.CheckpointError, match=r"huge\.pt: generator: key 'synthesis\.const' has shape"):
+        msgan.load(tmp_path / "huge.pt")
+
+
+def write_wheel(path, source, edit):
+    """A copy of the wheel `source` whose members go through edit(name, content) (None drops a member)."""
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(path, "w") as copy:
+        for name in original.namelist():
+            content = edit(name, original.read(name))
+            if content is not None:
+                copy.writestr(name, content)
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_face_wheel():
+    return msgan.fetch_random_face_wheel(os.path.join(msgan.WEIGHTS_DIR, "cache"))
+
+
+def test_damaged_or_edited_wheel_is_refused_and_the_error_says_what_to_do(tmp_path, random_face_wheel):
+    truncated = tmp_path / "truncated.whl"
+    truncated.write_bytes(Path(random_face_wheel).read_bytes()[:5_000_000])
+    ir = "random_face/data/MappingNetwork.bin"
+    edited_ir = write_wheel(tmp_path / "edited.whl", random_face_wheel,
+                            lambda name, content: content[:-4] + b"\0\0\0\0" if name == ir else content)
+    for wheel, says in ((truncated, "not an intact random-face wheel"), (edited_ir, f"{ir}: sha256 mismatch")):
+        with pytest.raises(msgan.DownloadError, match=re.escape(says)) as e:
+            msgan.import_random_face(wheel)
+        assert str(e.value).startswith(str(wheel)) and "delete it, and msgan.load('ffhq') downloads" in str(e.value)
+
+
+def test_edited_ir_is_refused_even_when_the_wheel_checksum_is_made_to_match(tmp_path, monkeypatch,
+                                                                            random_face_wheel):
+    """Defence in depth: with the wheel's own sha256 pin changed to the edited wheel's, the pinned sha256 of each
+    IR file still catches the edit, and nothing is written."""
+    offline(monkeypatch, tmp_path)
+    (tmp_path / "cache").mkdir()
+    ir = "random_face/data/SynthesisNetwork.xml"
+    wheel = write_wheel(tmp_path / "cache" / msgan.RANDOM_FACE_WHEEL, random_face_wheel,
+                        lambda name, content: content.replace(b"</net>", b"<!-- edited --></net>")
+                        if name == ir else content)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    monkeypatch.setitem(msgan.RANDOM_FACE_SHA256, msgan.RANDOM_FACE_WHEEL, digest)
+    with pytest.raises(msgan.DownloadError, match=f"{ir}: sha256 mismatch"):
+        msgan.load("ffhq")
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
+
+
+def write_then_fail(target, error=errno.ENOSPC):
+    """What a write does on a full disk: some bytes land in the file, then the write fails."""
+    if isinstance(target, (str, os.PathLike)):
+        with open(target, "ab") as f:
+            f.write(b"partial")
+    else:
+        target.write(b"partial")
+    raise OSError(error, os.strerror(error))
+
+
+def read_only(*args, **kwargs):
+    """What creating a file in a read-only folder does (root ignores chmod, so the tests patch the call)."""
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+
+@pytest.mark.parametrize("failure", ["full disk", "read-only"])
+def test_ffhq_import_into_a_full_or_read_only_weights_folder(tmp_path, monkeypatch, random_face_wheel, failure):
+    offline(monkeypatch, tmp_path)
+    (tmp_path / "cache").mkdir()
+    shutil.copy(random_face_wheel, tmp_path / "cache")
+    if failure == "full disk":
+        monkeypatch.setattr(torch, "save", lambda obj, f: write_then_fail(f))
+    else:
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(msgan.DownloadError, match=r"ffhq\.pt: cannot write the imported model .*MSGAN_WEIGHTS"):
+        msgan.load("ffhq")
+    assert sorted(os.listdir(tmp_path)) == ["cache"]  # no ffhq.pt, whole or partial
+
+
+def test_damaged_ffhq_file_says_how_to_redo_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(msgan, "WEIGHTS_DIR", str(tmp_path))
+    (tmp_path / "ffhq.pt").write_bytes(b"PK\x03\x04 half of a file")
+    with pytest.raises(msgan.CheckpointError, match=r"delete it, and msgan.load\('ffhq'\) imports it again$"):
+        msgan.load("ffhq")
+
+
+CONCURRENT_FIRST_USE = """
+import pathlib, sys, time
+import msgan
+me, other = map(pathlib.Path, sys.argv[1:])
+save = msgan.save
+
+def save_together(*args, **kwargs):  # both processes have imported the model: now both write weights/ffhq.pt
+    me.touch()
+    deadline = time.time() + 120
+    while not other.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    save(*args, **kwargs)
+
+msgan.save = save_together
+G = msgan.load("ffhq")
+print(G.img_resolution, G.w_avg.sum().item())
+"""
+
+
+def test_two_processes_doing_the_first_ffhq_load_at_once_both_succeed(tmp_path, random_face_wheel):
+    """Two processes load "ffhq" for the first time at once, the wheel already cached (no download). A barrier makes
+    both write weights/ffhq.pt at the same moment: both succeed, and one whole file is left, no temp file."""
+    weights = tmp_path / "weights"
+    (weights / "cache").mkdir(parents=True)
+    shutil.copy(random_face_wheel, weights / "cache")
+    env = {**os.environ, "MSGAN_WEIGHTS": str(weights), "OMP_NUM_THREADS": "1", "PIP_NO_INDEX": "1"}
+    processes = [subprocess.Popen([sys.executable, "-c", CONCURRENT_FIRST_USE, str(tmp_path / me),
+                                   str(tmp_path / other)], cwd=Path(__file__).resolve().parent, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for me, other in (("a", "b"), ("b", "a"))]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], [err for _, err in outputs]
+    assert outputs[0][0] == outputs[1][0] and outputs[0][0].startswith("1024 ")
+    assert sorted(os.listdir(weights)) == ["cache", "ffhq.pt"]
+    assert os.listdir(weights / "cache") == [msgan.RANDOM_FACE_WHEEL]
+    G = msgan.load(weights / "ffhq.pt")
+    assert f"{G.img_resolution} {G.w_avg.sum().item()}\n" == outputs[0][0]
+
+
+@pytest.mark.parametrize("name", HOSTILE_IMAGES)
+def test_fid_reads_or_refuses_each_odd_image(tmp_path, name):
+    write, expect, says = HOSTILE_IMAGES[name]
+    assert check_case(image_case(tmp_path / "folder", name, write, says, expect), fid.FIDError) == expect
+
+
+@pytest.mark.parametrize("name", HOSTILE_STATS)
+def test_fid_reads_or_refuses_each_odd_stats_file(tmp_path, name):
+    arrays, says = HOSTILE_STATS[name]
+    path = write_stats(tmp_path / "stats.npz", arrays)
+    case = Case(name, path, functools.partial(load_stats_checked, path), says, LOADED if says is None else ERROR)
+    assert check_case(case, fid.FIDError) == case.expect
+
+
+# --- the command lines: bad counts, seeds and psi; an unusable --outdir; Ctrl-C --------------------
+
+
+def run_script(script, argv, capsys):
+    """(exit status, stderr) of `python {script}.py *argv`, run in-process."""
+    try:
+        code = {"sample": sample.main, "export": export.main, "fid": fid.main}[script](list(map(str, argv)))
+    except SystemExit as e:
+        code = e.code
+    return code or 0, capsys.readouterr().err
+
+
+def assert_one_error_line(err, script):
+    """One error line, after argparse's usage (for a usage error) or the progress line (for a run)."""
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len([line for line in lines if "error:" in line or "interrupted" in line]) == 1, err
+    assert lines[-1].startswith((f"{script}.py: error: ", f"{script}.py: interrupted")), err
+
+
+FID_SOURCES = ["a", "b"]  # parsing stops before these are looked at
+CLI_USAGE_ERRORS = [  # (script, arguments): a usage error, exit 2
+    ("sample", ["-n", "-3"]), ("sample", ["-n", "0"]), ("sample", ["-n", "10000000000"]), ("sample", ["-n", "3.5"]),
+    ("sample", ["-n", "three"]), ("sample", ["--batch", "0"]), ("sample", ["--batch", "99999999999"]),
+    ("sample", ["--frames", "-1"]), ("sample", ["--interpolate", "--seeds", "0-99", "--frames", "100"]),
+    ("sample", ["--seeds", "5-2"]), ("sample", ["--seeds", "1,,2"]), ("sample", ["--seeds", "-4"]),
+    ("sample", ["--seeds", "0-99999999999"]), ("sample", ["--seeds", str(2**64)]), ("sample", ["--seed", "-1"]),
+    ("sample", ["--seed", str(2**64 - 1), "-n", "2"]),
+    ("sample", ["--trunc", "nan"]), ("sample", ["--trunc", "inf"]), ("sample", ["--trunc", "0.7x"]),
+    ("export", ["onnx", "--batch", "-1"]), ("export", ["onnx", "--batch", "0"]),
+    ("export", ["onnx", "--batch", "1000000000"]), ("export", ["onnx", "--batch", "two"]),
+    ("export", ["onnx", "--opset", "nan"]), ("export", ["onnx", "--opset", "99"]),
+    ("fid", [*FID_SOURCES, "--batch", "0"]), ("fid", [*FID_SOURCES, "--batch", "100000"]),
+    ("fid", [*FID_SOURCES, "--batch", "ten"]), ("fid", [*FID_SOURCES, "--kid-subsets", "-1"]),
+    ("fid", [*FID_SOURCES, "--kid-subset-size", "0"]), ("fid", [*FID_SOURCES, "--dims", "1000"]),
+    ("fid", ["--model", "m.pt", "--ref", "r", "-n", "-5"]), ("fid", ["--model", "m.pt", "--ref", "r", "-n", "1"]),
+    ("fid", ["--model", "m.pt", "--ref", "r", "-n", "10**12"]),
+    ("fid", ["--model", "m.pt", "--ref", "r", "-n", "1000000000000"]),
+    ("fid", ["--model", "m.pt", "--ref", "r", "--seed", "-1"]),
+    ("fid", ["--model", "m.pt", "--ref", "r", "--psi", "nan"]),
+    ("fid", ["a", "--save-stats", "stats"]),
+]
+
+
+@pytest.mark.parametrize("script, argv", CLI_USAGE_ERRORS, ids=[" ".join([s, *a]) for s, a in CLI_USAGE_ERRORS])
+def test_cli_bad_count_seed_or_psi_is_a_usage_error(script, argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_script(script, argv, capsys)
+    assert code == 2 and "error:" in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+@pytest.fixture
+def fid_inputs(tmp_path, inception_file):
+    """Two small image folders and the synthetic Inception: a quick `fid.py` run."""
+    return [str(write_pngs(tmp_path / "a", 3, 16, seed=1)), str(write_pngs(tmp_path / "b", 3, 16, seed=2)),
+            "--inception", str(inception_file), "--dims", "64", "--device", "cpu"]
+
+
+def cli_run(script, ckpt_dir, fid_inputs, outdir):
+    """The arguments of a small real run of each script that writes into outdir."""
+    return {"sample": ["--model", ckpt_dir / "official.pt", "--seeds", "0-3", "--batch", "1", "--outdir", outdir],
+            "export": ["onnx", "--model", ckpt_dir / "official.pt", "--outdir", outdir],
+            "fid": [fid_inputs[0], "--save-stats", outdir / "stats.npz", *fid_inputs[2:]]}[script]
+
+
+CLI_FAILURES = {  # name -> (patch applied for the run, what the error line says)
+    "outdir is a file": (None, "File exists|Not a directory|not a directory"),
+    "read-only outdir": (lambda mp: [mp.setattr(tempfile, f, read_only) for f in ("mkstemp", "mkdtemp")],
+                         "Read-only file system"),
+    "disk full mid-run": (lambda mp: [mp.setattr(Image.Image, "save", lambda self, fp, *a, **k: write_then_fail(fp)),
+                                      mp.setattr(onnx, "save", lambda model, f, *a, **k: write_then_fail(f)),
+                                      mp.setattr(np, "savez_compressed", lambda f, **k: write_then_fail(f))],
+                          "No space left on device"),
+}
+
+
+@pytest.mark.parametrize("failure", CLI_FAILURES)
+@pytest.mark.parametrize("script", ["sample", "export", "fid"])
+def test_cli_unusable_outdir_is_one_line_exit_1_and_no_partial_file(script, failure, tmp_path, capsys, monkeypatch,
+                                                                     ckpt_dir, fid_inputs):
+    patch, says = CLI_FAILURES[failure]
+    outdir = tmp_path / "out"
+    if failure == "outdir is a file":
+        outdir.write_text("a file")
+        outdir = outdir / "sub" if script == "fid" else outdir
+    else:
+        outdir.mkdir()
+        patch(monkeypatch)
+    code, err = run_script(script, cli_run(script, ckpt_dir, fid_inputs, outdir), capsys)
+    assert code == 1 and re.search(says, err), err
+    assert_one_error_line(err, script)
+    if outdir.is_dir():
+        assert os.listdir(outdir) == []  # no temp file, no half-written output
+
+
+@pytest.mark.parametrize("script, where", [("sample", "Progress.update"), ("export", "check_parity"),
+                                           ("fid", "activations")])
+def test_cli_ctrl_c_in_the_middle_exits_130_and_leaves_no_partial_file(script, where, tmp_path, capsys, monkeypatch,
+                                                                       ckpt_dir, fid_inputs):
+    """Ctrl-C (a KeyboardInterrupt) halfway: after the first images, in the first parity check, or while Inception
+    runs. sample.py keeps the complete images it wrote; the others write all or nothing."""
+    module = {"sample": sample, "export": export, "fid": fid}[script]
+    owner, _, name = where.rpartition(".")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(getattr(module, owner) if owner else module, name, interrupt)
+    outdir = tmp_path / "out"
+    code, err = run_script(script, cli_run(script, ckpt_dir, fid_inputs, outdir), capsys)
+    assert code == 130
+    assert_one_error_line(err, script)
+    written = os.listdir(outdir) if outdir.is_dir() else []
+    assert written == (["seed0000.png"] if script == "sample" else [])
+    if written:
+        Image.open(outdir / written[0]).verify()
+
+
+def test_ctrl_c_stops_sample_py_with_130_and_no_partial_file(ckpt_dir, tmp_path):
+    """The real signal: SIGINT to `python sample.py` while it writes images."""
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "sample.py", "--model", ckpt_dir / "official.pt", "-n", "100000",
+                                "--batch", "1", "--outdir", out], cwd=Path(__file__).resolve().parent,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for(out / "seed0001.png", process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert_one_error_line(err, "sample")
+    assert not leftovers(out) and not (out / "grid.jpg").exists()
+    for png_file in out.iterdir():
+        Image.open(png_file).verify()  # every file there is whole
 
 
 # ----------------------------------------------------------------------------------------------
