@@ -2775,3 +2775,45 @@ def test_amp_needs_cuda_and_compile_falls_back_with_one_warning(tiny_teacher, tm
     assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--compile", "--outdir", tmp_path / "c") == 0
     out = capsys.readouterr().out
     assert out.count("--compile unavailable (RuntimeError: no working C++ compiler); running eager") == 1
+
+
+TRAIN_USAGE_ERRORS = [["--steps", "-1"], ["--steps", "0"], ["--steps", "10000000000"], ["--steps", "1e3"],
+                      ["--batch", "three"], ["--batch", "99999999"], ["--batch-gpu", "0"], ["--seed", "-1"],
+                      ["--seed", str(2**64)], ["--trunc", "nan"], ["--lr", "-1"], ["--val-samples", "0"],
+                      ["--log-every", "-5"], ["teacher", "--res", "32"], ["teacher", "--data", "d", "--res", "x"],
+                      ["teacher", "--data", "d", "--channels", "64,,32"]]
+
+
+@pytest.mark.parametrize("argv", TRAIN_USAGE_ERRORS, ids=" ".join)
+def test_train_bad_counts_seeds_and_values_are_usage_errors(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_train(*argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error:" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_train_full_disk_keeps_the_last_checkpoint(tiny_teacher, tmp_path, capsys, monkeypatch):
+    """The second checkpoint write fails half-way (ENOSPC): one line, exit 1, the first checkpoint intact."""
+    out = tmp_path / "run"
+    real_save, saves = torch.save, []
+
+    def save_then_fill_the_disk(obj, f, *args, **kwargs):
+        saves.append(f)
+        if len(saves) <= 2:  # step 1: last.pt and best.pt
+            return real_save(obj, f, *args, **kwargs)
+        write_then_fail(f)
+    monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--log-every", 1, "--steps", 5, "--outdir", out) == 1
+    assert "No space left on device" in one_line_error(capsys)
+    assert torch.load(out / "last.pt", weights_only=True)["train"]["step"] == 1
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]
+
+
+def test_train_read_only_outdir_is_refused_before_training(tiny_teacher, tmp_path, capsys, monkeypatch):
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--outdir", tmp_path / "run") == 1
+    assert "not writable (Read-only file system)" in one_line_error(capsys)
+    assert os.listdir(tmp_path / "run") == []

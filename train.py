@@ -49,6 +49,10 @@ ADA_KIMG = 100            # thousands of images over which p can move by 1,
 ADA_P_MAX = 0.8           # and its ceiling: above ~0.8 augmentations start to leak into the generator
 EMA_RAMPUP = 0.05         # the EMA half-life is at most this fraction of the images seen so far (NVIDIA's)
 BENCH_WARMUP, BENCH_SECONDS = 1, 20  # benchmark: steps untimed, then timed steps until this many seconds
+MAX_COUNT = 10**9         # steps, intervals: beyond any run
+MAX_BATCH = 4096          # a larger batch only runs out of memory
+MAX_VAL_SAMPLES = 65536   # validation samples are held in memory
+MAX_SEED = 2**63 - 1
 
 # Official MobileStyleGAN settings (configs/mobile_stylegan_ffhq.json, core/loss/*.py) and StyleGAN2's.
 DISTILL_DEFAULTS = dict(steps=6000, batch=16, lr=5e-4, d_lr=5e-4, betas=(0.9, 0.999), grad_clip=10.0,
@@ -77,10 +81,16 @@ class NonFiniteLoss(TrainError):
 # Command line
 
 
-def positive_int(text):
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
+def int_in(lo, hi):
+    """argparse type: an integer in lo..hi (anything else is a usage error, exit 2)."""
+    def parse(text):
+        if not text.strip().isdigit() or not lo <= int(text) <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {text!r}")
+        return int(text)
+    return parse
+
+
+positive_int = int_in(1, MAX_COUNT)
 
 
 def nonnegative_float(text):
@@ -145,12 +155,12 @@ def build_parser(mode):
                             help="path-length regularisation weight (StyleGAN2: 2; 0 = off)")
         parser.add_argument("--pl-every", type=positive_int, default=4, help="lazy path-length interval")
     parser.add_argument("--steps", type=positive_int, default=defaults["steps"], help="total optimiser steps")
-    parser.add_argument("--batch", type=positive_int, default=defaults["batch"], help="global batch size")
-    parser.add_argument("--batch-gpu", type=positive_int, help="samples per device per round "
+    parser.add_argument("--batch", type=int_in(1, MAX_BATCH), default=defaults["batch"], help="global batch size")
+    parser.add_argument("--batch-gpu", type=int_in(1, MAX_BATCH), help="samples per device per round "
                         "(default: batch / processes; smaller accumulates gradients)")
     parser.add_argument("--outdir", help="run folder (default: runs/<mode>-<date>-<time>)")
     parser.add_argument("--resume", help="checkpoint to continue from (its settings are used)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--lr", type=nonnegative_float, default=defaults["lr"], help="generator Adam lr")
     parser.add_argument("--d-lr", type=nonnegative_float, default=defaults["d_lr"], help="discriminator Adam lr")
@@ -171,7 +181,8 @@ def build_parser(mode):
     parser.add_argument("--mix-prob", type=probability, default=defaults["mix_prob"], help="style-mixing probability")
     parser.add_argument("--log-every", type=positive_int, default=defaults["log_every"],
                         help="steps between logs, grids, validation and checkpoints")
-    parser.add_argument("--val-samples", type=positive_int, default=defaults["val_samples"])
+    parser.add_argument("--val-samples", type=int_in(1, MAX_VAL_SAMPLES), default=defaults["val_samples"],
+                        help="fixed samples of the validation figures")
     parser.add_argument("--compile", action="store_true", help="torch.compile the generator (falls back to eager)")
     parser.add_argument("--amp", choices=["bf16"], help="bfloat16 autocast (CUDA only)")
     parser.add_argument("--debug-nan", metavar="TERM@STEP", help=argparse.SUPPRESS)  # test hook: poison a loss
@@ -589,15 +600,17 @@ def prepare_outdir(args, resuming):
     if not resuming and os.path.exists(last):
         raise TrainError(f"--outdir {args.outdir} already holds a run (last.pt): continue it with "
                          f"--resume {last}, or choose another --outdir")
+    grids = os.path.join(args.outdir, "grids")
     try:
-        os.makedirs(os.path.join(args.outdir, "grids"), exist_ok=True)
-        for folder in (args.outdir, os.path.join(args.outdir, "grids")):
-            for name in os.listdir(folder):
-                if name.startswith(".tmp-"):
-                    os.unlink(os.path.join(folder, name))
+        os.makedirs(args.outdir, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=args.outdir, prefix=".tmp-probe-")
         os.close(fd)
         os.unlink(probe)
+        os.makedirs(grids, exist_ok=True)
+        for folder in (args.outdir, grids):
+            for name in os.listdir(folder):
+                if name.startswith(".tmp-"):
+                    os.unlink(os.path.join(folder, name))
     except OSError as e:
         raise TrainError(f"--outdir {args.outdir} is not writable ({e.strerror or e})") from None
 
@@ -952,6 +965,9 @@ def main(argv=None):
         return 2 if isinstance(e, UsageError) else 1
     except (msgan.CheckpointError, msgan.DownloadError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a folder that went away: the last complete checkpoint is intact
+        print(f"train.py: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ntrain.py: interrupted (the last checkpoint is intact)", file=sys.stderr)
