@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import msgan
+from fid import finite_float, int_in  # argparse types shared by the scripts
 
 PEAK_TO_PEAK = 2.0       # images span [-1, 1]: the PSNR peak
 GRID_TILE = 256          # grid tiles are downscaled to at most this many pixels
@@ -52,25 +53,6 @@ def parse_seeds(text):
     if count == 0:
         raise argparse.ArgumentTypeError(f"seed list {text!r} is empty")
     return [seed for r in ranges for seed in r]
-
-
-def int_in(lo, hi):
-    """argparse type: an integer in lo..hi (anything else is a usage error, exit 2)."""
-    def parse(text):
-        if not text.strip().isdigit() or not lo <= int(text) <= hi:
-            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {text!r}")
-        return int(text)
-    return parse
-
-
-def finite_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
 
 def seeded_inputs(G, seeds, noise_mode, device):

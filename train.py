@@ -81,15 +81,7 @@ class NonFiniteLoss(TrainError):
 # Command line
 
 
-def int_in(lo, hi):
-    """argparse type: an integer in lo..hi (anything else is a usage error, exit 2)."""
-    def parse(text):
-        if not text.strip().isdigit() or not lo <= int(text) <= hi:
-            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {text!r}")
-        return int(text)
-    return parse
-
-
+int_in = fid.int_in  # argparse types shared by the scripts
 positive_int = int_in(1, MAX_COUNT)
 
 
