@@ -48,16 +48,17 @@ ADA_INTERVAL = 4          # adaptive augmentation (ADA, Karras et al. 2020): ste
 ADA_KIMG = 100            # thousands of images over which p can move by 1,
 ADA_P_MAX = 0.8           # and its ceiling: above ~0.8 augmentations start to leak into the generator
 EMA_RAMPUP = 0.05         # the EMA half-life is at most this fraction of the images seen so far (NVIDIA's)
-BENCH_WARMUP, BENCH_SECONDS = 1, 20  # benchmark: steps untimed, then timed steps until this many seconds
+BENCH_WARMUP, BENCH_SECONDS = 1, 15  # benchmark: steps untimed, then timed steps until this many seconds
 MAX_COUNT = 10**9         # steps, intervals: beyond any run
 MAX_BATCH = 4096          # a larger batch only runs out of memory
 MAX_VAL_SAMPLES = 65536   # validation samples are held in memory
 MAX_SEED = 2**63 - 1
 
 # Official MobileStyleGAN settings (configs/mobile_stylegan_ffhq.json, core/loss/*.py) and StyleGAN2's.
-DISTILL_DEFAULTS = dict(steps=6000, batch=16, lr=5e-4, d_lr=5e-4, betas=(0.9, 0.999), grad_clip=10.0,
+# The distillation schedule (steps x batch) fits 30 minutes on 2 CPU cores at 32x32 (see README, Training speed).
+DISTILL_DEFAULTS = dict(steps=3000, batch=16, lr=5e-4, d_lr=5e-4, betas=(0.9, 0.999), grad_clip=10.0,
                         ema_kimg=2.0, r1=10.0, r1_every=16, r1_mode="replace", aug_p=0.5, ada_target=0.0,
-                        mix_prob=0.0, log_every=500, val_samples=64)
+                        mix_prob=0.0, log_every=250, val_samples=64)
 TEACHER_DEFAULTS = dict(steps=50000, batch=32, lr=2e-3, d_lr=2e-3, betas=(0.0, 0.99), grad_clip=0.0,
                         ema_kimg=10.0, r1=0.01, r1_every=16, r1_mode="add", aug_p=0.0, ada_target=0.6,
                         mix_prob=0.9, log_every=500, val_samples=256)
@@ -904,7 +905,7 @@ def benchmark(log=functools.partial(print, flush=True)):
     """
     emoji, stylegan2_256 = [256, 128, 64, 32], msgan.default_channels(256)
     cases = [("distill", 32, emoji, 16, False), ("distill", 32, emoji, 16, True),
-             ("distill", 256, stylegan2_256, 4, False), ("distill", 256, stylegan2_256, 4, True),
+             ("distill", 256, stylegan2_256, 2, False), ("distill", 256, stylegan2_256, 2, True),
              ("teacher", 32, emoji, 32, False)]
     log(f"{'mode':8} {'res':>4}  {'teacher widths':28} {'batch':>5}  {'perceptual':>10}  {'img/s':>7}"
         f"   ({torch.get_num_threads()} threads)")
