@@ -2817,3 +2817,13 @@ def test_train_read_only_outdir_is_refused_before_training(tiny_teacher, tmp_pat
     assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--outdir", tmp_path / "run") == 1
     assert "not writable (Read-only file system)" in one_line_error(capsys)
     assert os.listdir(tmp_path / "run") == []
+
+
+def test_distilling_an_nvidia_pickle(tmp_path):
+    """`python train.py --teacher network-snapshot.pkl`: the public NVIDIA snapshot (64x64, conv_clamp) distils."""
+    out = tmp_path / "run"
+    assert run_train("--teacher", REF / "nvlabs" / "nvlabs_public.pkl", *QUICK, "--steps", 4, "--outdir", out) == 0
+    assert [r["step"] for r in log_lines(out)] == [2, 4]
+    student, teacher = msgan.load(out / "last.pt"), msgan.load(out / "last.pt", part="teacher")
+    assert student.is_student and student.img_resolution == teacher.img_resolution == 64
+    assert teacher.config.get("conv_clamp") == 256  # the teacher keeps NVIDIA's clamp in the checkpoint
