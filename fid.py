@@ -63,6 +63,8 @@ VGG16_TAPS = {3: "relu1_2", 8: "relu2_2", 15: "relu3_3", 22: "relu4_3"}
 KID_SUBSETS = 100  # torch-fidelity's defaults
 KID_SUBSET_SIZE = 1000
 KID_SEED = 2020
+PSNR_PEAK = 2.0    # images span [-1, 1]
+PSNR_MIN_MSE = 1e-10  # identical images: a finite ceiling of 106 dB
 MIN_SAMPLES_UNBIASED = 2048  # below this the 2048x2048 covariance is rank-deficient
 # Command-line limits: past them a count is a typo, and would exhaust memory or time before giving a result.
 MAX_SAMPLES = 1_000_000  # -n: their 2048-dim float64 features alone take 16 GB; FID is quoted at 50k
@@ -582,6 +584,13 @@ def int_in(lo, hi):
             raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {value}")
         return value
     return parse
+
+
+@torch.no_grad()
+def psnr(img, target):
+    """Per-sample PSNR in dB of images in [-1, 1] (peak-to-peak 2), both clamped to that range: [B]."""
+    mse = (img.clamp(-1, 1) - target.clamp(-1, 1)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(PSNR_PEAK**2 / mse.clamp(min=PSNR_MIN_MSE))
 
 
 def finite_float(text):

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import msgan
+import fid
 from fid import finite_float, int_in  # argparse types shared by the scripts
 
-PEAK_TO_PEAK = 2.0       # images span [-1, 1]: the PSNR peak
 GRID_TILE = 256          # grid tiles are downscaled to at most this many pixels
 GRID_MAX_IMAGES = 256    # grid.jpg shows the first 256 images (16 x 16 tiles)
 GIF_SIZE = 256           # GIF frames, pixels
@@ -130,8 +130,7 @@ def generate(G, seeds, psi, noise_mode, batch, device, teacher=None, progress=No
             ref = teacher.synthesis(teacher.truncate(teacher.mapping(z), psi), noise=noise, noise_mode=noise_mode)
             img = F.interpolate(img, size=ref.shape[-2:], mode="bilinear", align_corners=False) \
                 if img.shape[-1] != ref.shape[-1] else img
-            mse = (img.clamp(-1, 1) - ref.clamp(-1, 1)).pow(2).flatten(1).mean(1)
-            psnr = (10 * torch.log10(PEAK_TO_PEAK**2 / mse.clamp(min=1e-10))).tolist()
+            psnr = fid.psnr(img, ref).tolist()
             img = torch.cat([ref, img], dim=3)
         for seed, array, value in zip(chunk, to_uint8(img), psnr):
             yield seed, array, value

@@ -469,13 +469,6 @@ def validation_inputs(task, G, n):
     return z, noise
 
 
-@torch.no_grad()
-def psnr(img, target):
-    """Per-sample PSNR in dB of images in [-1, 1] (peak-to-peak 2), both clamped to that range."""
-    mse = (img.clamp(-1, 1) - target.clamp(-1, 1)).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(4 / mse.clamp(min=1e-10))
-
-
 def sliced_wasserstein(a, b, projections=SWD_PROJECTIONS, seed=SWD_SEED):
     """Mean over random unit directions of the 1-D Wasserstein-1 distance between two sets of vectors
     [N, D] (equal N). A cheap, network-free distance between image distributions (teacher validation)."""
@@ -518,7 +511,7 @@ class Validator:
             img, freq = G.synthesis(ws, noise=noise, return_freq=True)
             target = self.task.teacher.synthesis(ws, noise=noise)  # the same w: the student has the teacher's mapping
             terms = msgan.distillation_loss(freq, target)
-            figures += torch.tensor([psnr(img, target).sum().item(), (terms["l1"] + terms["l2"]).item() * len(img),
+            figures += torch.tensor([fid.psnr(img, target).sum().item(), (terms["l1"] + terms["l2"]).item() * len(img),
                                      len(img)])
         if self.distill:
             psnr_sum, loss_sum, count = all_reduce(figures).tolist()
