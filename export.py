@@ -224,11 +224,12 @@ def staging(outdir):
         raise OSError(f"cannot write to the output directory {outdir}: {e.strerror or e}") from None
     try:
         yield tmp
-        for name in sorted(os.listdir(tmp)):
-            dest = os.path.join(outdir, name)
-            if os.path.isdir(dest):  # os.replace cannot overwrite a non-empty folder (an older .mlpackage)
-                shutil.rmtree(dest)
-            os.replace(os.path.join(tmp, name), dest)
+        with msgan.interrupts_held():  # a Ctrl-C here would leave a removed .mlpackage not yet replaced
+            for name in sorted(os.listdir(tmp)):
+                dest = os.path.join(outdir, name)
+                if os.path.isdir(dest):  # os.replace cannot overwrite a non-empty folder (an older .mlpackage)
+                    shutil.rmtree(dest)
+                os.replace(os.path.join(tmp, name), dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -31,7 +31,6 @@ import math
 import os
 import pickle
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -41,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
+import msgan
 
 # Published weight files. The sha256 values are the full digests of these files; torch hub
 # names files after the first 8 hex digits, which we check in full instead.
@@ -415,10 +416,7 @@ def folder_batches(paths, batch_size):
 
 
 def load_generator(model, device):
-    """msgan.load(model) with its errors as FIDError. msgan is imported only here: nothing else
-    in this file needs the generator code."""
-    import msgan
-
+    """msgan.load(model) with its errors as FIDError."""
     try:
         return msgan.load(model, device=device)
     except (OSError, ValueError, RuntimeError) as e:  # msgan's CheckpointError / DownloadError
@@ -470,21 +468,13 @@ def statistics(feats):
 
 
 def save_stats(path, mu, sigma):
-    """Write mu and sigma (pytorch-fid's key names) atomically: a temp file in the same folder, then a rename, so
-    that a full disk or an interrupt never leaves a half-written `path`."""
+    """Write mu and sigma (pytorch-fid's key names) atomically (msgan.atomic_file): a full disk or an interrupt
+    never leaves a half-written `path`."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".npz")
-    except OSError as e:
-        raise FIDError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with msgan.atomic_file(path) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, mu=mu, sigma=sigma)
-        os.replace(tmp, path)
-    except BaseException as e:
-        os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise FIDError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
+    except OSError as e:
+        raise FIDError(e.strerror or str(e)) from None
 
 
 def load_stats(path, dims=None):

@@ -17,6 +17,7 @@ the resolutions it has, so one code drives teacher and student. The official Mob
 """
 import argparse
 import collections
+import contextlib
 import functools
 import hashlib
 import io
@@ -26,9 +27,11 @@ import os
 import pickle
 import re
 import reprlib
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 import zipfile
 from xml.etree import ElementTree
@@ -1688,13 +1691,51 @@ def save(path, generator=None, teacher=None, discriminator=None, **extra):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, then rename: never a half-written `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    """torch.save through `atomic_file`: never a half-written `path`."""
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temp file name in `path`'s folder (same extension), renamed to `path` when the block ends. An
+    error, a full disk or Ctrl-C leaves `path` as it was and no temp file behind; an OSError names `path`."""
+    with interrupts_held():
+        try:
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                                       suffix=os.path.splitext(path)[1])
+            os.close(fd)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+            raise
+
+
+@contextlib.contextmanager
+def interrupts_held(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Hold `signals` inside the block and deliver them, once each, as it ends: a Ctrl-C cannot land between
+    creating a temp file and renaming or removing it. Only the main thread receives Python signals; elsewhere
+    this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = {}
+    for signum in signals:
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: installed outside Python, cannot be restored
+            previous[signum] = signal.signal(signum, lambda received, frame: held.append(received))
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)

@@ -14,7 +14,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -72,23 +71,10 @@ def to_uint8(img):
 
 
 def save_image(array, path, **kwargs):
-    """Write atomically: a temp file in the same folder, then rename. A full disk or an interrupt leaves no
-    half-written file; an OSError names `path`, not the temp file."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-",
-                                   suffix=os.path.splitext(path)[1])
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
-    os.close(fd)
-    try:
-        image = array if isinstance(array, Image.Image) else Image.fromarray(array)
+    """Write an [H, W, 3] uint8 array or a PIL image atomically (msgan.atomic_file)."""
+    image = array if isinstance(array, Image.Image) else Image.fromarray(array)
+    with msgan.atomic_file(path) as tmp:
         image.save(tmp, **kwargs)
-        os.replace(tmp, path)
-    except BaseException as e:
-        os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
-        raise
 
 
 def make_grid(images):

@@ -2376,6 +2376,28 @@ def test_ctrl_c_stops_sample_py_with_130_and_no_partial_file(ckpt_dir, tmp_path)
         Image.open(png_file).verify()  # every file there is whole
 
 
+@pytest.mark.parametrize("when", ["tempfile.mkstemp", "os.replace"])
+def test_a_ctrl_c_during_an_atomic_write_is_held_until_the_file_is_whole(when, tmp_path, monkeypatch):
+    """The race behind a flaky real-signal test: SIGINT right after the temp file is made, or right before the
+    rename. The write completes, no temp file stays, then the KeyboardInterrupt arrives."""
+    module_name, _, name = when.partition(".")
+    module = {"tempfile": tempfile, "os": os}[module_name]
+    real = getattr(module, name)
+
+    def signal_then_call(*args, **kwargs):
+        result = real(*args, **kwargs) if when == "tempfile.mkstemp" else None
+        signal.raise_signal(signal.SIGINT)
+        return result if when == "tempfile.mkstemp" else real(*args, **kwargs)
+    path = tmp_path / "grid.png"
+    monkeypatch.setattr(module, name, signal_then_call)
+    with pytest.raises(KeyboardInterrupt):
+        sample.save_image(np.zeros((4, 4, 3), np.uint8), str(path))
+    monkeypatch.undo()
+    assert not leftovers(tmp_path)
+    Image.open(path).verify()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+
+
 # ----------------------------------------------------------------------------------------------
 # Distillation losses and the differentiable augmentation (golden data: discriminator_and_loss_public.md, §2)
 

@@ -542,14 +542,8 @@ class Validator:
 
 
 def save_png(image, path):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
+    with msgan.atomic_file(path) as tmp:
         image.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
