@@ -311,6 +311,15 @@ class MobileStyledConv(nn.Module):
     def forward(self, x, w, noise):
         return ops.bias_leaky_relu(_add_noise(self.conv(x, w), self.noise_strength, noise), self.bias, gain=1.0)
 
+    def forward_inplace(self, x, w, noise):
+        """forward of a folded conv without autograd: the bias inside the conv, noise and activation in place."""
+        conv = self.conv
+        x = ops.mobile_modulated_conv2d_inplace(x, conv.weight, conv.modulation(w) * conv.scale, conv.weight_dw,
+                                                self.bias)
+        if noise is not None:
+            x.add_(self.noise_strength * noise)
+        return F.leaky_relu_(x, ops.LRELU_SLOPE)
+
 
 class ToWavelets(nn.Module):
     """1x1 modulated conv (no demodulation) to 12 Haar coefficients of RGB at half resolution."""
@@ -323,6 +332,11 @@ class ToWavelets(nn.Module):
     def forward(self, x, w):
         return self.conv(x, w) + self.bias[None, :, None, None]
 
+    def forward_inplace(self, x, w):
+        """forward without autograd, overwriting x (the modulation is applied to it in place)."""
+        return ops.mobile_modulated_conv2d_inplace(x, self.conv.weight, self.conv.modulation(w) * self.conv.scale,
+                                                   bias=self.bias)
+
 
 class IDWTUpsample(nn.Module):
     """x * Linear(w) (no scale factor), then inverse Haar: [B, C, H, W] -> [B, C/4, 2H, 2W]."""
@@ -334,6 +348,10 @@ class IDWTUpsample(nn.Module):
 
     def forward(self, x, w):
         return ops.wavelets_to_img(x * self.modulation(w)[:, :, None, None])
+
+    def forward_inplace(self, x, w):
+        """forward without autograd, overwriting x."""
+        return ops.wavelets_to_img_inplace(x, self.modulation(w))
 
 
 class MobileBlock(nn.Module):
@@ -354,6 +372,10 @@ class MobileSynthesis(nn.Module, NoiseMixin):
     forward returns img [B, 3, R, R], or (img, freq) with return_freq=True, where freq[k] is the
     12-channel Haar output [B, 12, 2^(k+2), 2^(k+2)] of every head (all but the last only feed the
     distillation loss).
+
+    Two paths compute the image: `forward_reference`, the training path, and `forward_inference`, which a
+    folded network takes under torch.no_grad() (not while tracing for export): channels-last activations,
+    bias inside the convs, noise, activation, modulation and IDWT in place. Same image to float32 rounding.
     """
 
     def __init__(self, w_dim, channels, folded=False):
@@ -378,6 +400,11 @@ class MobileSynthesis(nn.Module, NoiseMixin):
         raise ValueError(f"ws_layout must be 'standard' or 'official', got {ws_layout!r}")
 
     def forward(self, ws, noise=None, noise_mode="const", return_freq=False, ws_layout="standard"):
+        if self.folded and not (return_freq or torch.is_grad_enabled() or torch.jit.is_tracing()):
+            return self.forward_inference(ws, noise, noise_mode, ws_layout)
+        return self.forward_reference(ws, noise, noise_mode, return_freq, ws_layout)
+
+    def forward_reference(self, ws, noise=None, noise_mode="const", return_freq=False, ws_layout="standard"):
         (s_conv1, s_head1), block_slots = self.style_slots(ws_layout)
         ws = _expand_ws(ws, self.num_ws if ws_layout == "standard" else self.num_ws_official, self.w_dim)
         noise = self.resolve_noise(ws.shape[0], noise, noise_mode, ws.device)
@@ -391,6 +418,23 @@ class MobileSynthesis(nn.Module, NoiseMixin):
                 freq.append(block.to_wavelets(x, ws[:, s_head]))
         img = ops.wavelets_to_img(freq[-1])
         return (img, freq) if return_freq else img
+
+    @torch.no_grad()
+    def forward_inference(self, ws, noise=None, noise_mode="const", ws_layout="standard"):
+        """The image of forward_reference with a folded network's weights, fewer passes and allocations."""
+        if not self.folded:
+            raise ValueError("forward_inference needs a folded network (fold())")
+        (s_conv1, _), block_slots = self.style_slots(ws_layout)
+        ws = _expand_ws(ws, self.num_ws if ws_layout == "standard" else self.num_ws_official, self.w_dim)
+        noise = self.resolve_noise(ws.shape[0], noise, noise_mode, ws.device)
+        x = self.conv1(self.const.expand(ws.shape[0], -1, -1, -1), ws[:, s_conv1], noise[0])  # 4x4: cheap
+        x = x.contiguous(memory_format=torch.channels_last)  # the layout CPU convolutions run fastest in
+        for i, (block, (s_up, s_conv2, _)) in enumerate(zip(self.blocks, block_slots)):
+            x = block.up.forward_inplace(x, ws[:, s_up])
+            x = block.conv1.forward_inplace(x, ws[:, s_up], noise[2 * i + 1])
+            x = block.conv2.forward_inplace(x, ws[:, s_conv2], noise[2 * i + 2])
+        head = self.blocks[-1].to_wavelets.forward_inplace(x, ws[:, block_slots[-1][2]])
+        return ops.wavelets_to_img_inplace(head)
 
     def fold(self):
         """Switch to the inference form: demodulation folded into the weights (identical outputs)."""

@@ -27,7 +27,8 @@ def bias_leaky_relu(x, bias=None, gain=LRELU_GAIN, clamp=None):
     """
     if bias is not None:
         x = x + bias.view(1, -1, *([1] * (x.ndim - 2)))
-    x = F.leaky_relu(x, LRELU_SLOPE) * gain
+    x = F.leaky_relu(x, LRELU_SLOPE)
+    x = x if gain == 1 else x * gain
     return x if clamp is None else x.clamp(-clamp, clamp)
 
 
@@ -99,6 +100,29 @@ def wavelets_to_img(packed):
     return haar_idwt(packed[:, :C], packed[:, C:].reshape(B, C, 3, H, W))
 
 
+def wavelets_to_img_inplace(packed, scale=None):
+    """Inference form of wavelets_to_img(packed * scale) for the same values to float32 rounding; `packed`
+    is used as scratch (overwritten). scale: [B, 4C] per-sample channel factors, or None.
+
+    The reference interleaves four stacked tensors; here the butterflies (L +- h0) and (h1 +- h2) are
+    written straight into the four phases of the output, which keeps packed's memory format.
+    """
+    B, C4, H, W = packed.shape
+    C = C4 // 4
+    packed.mul_(0.5 if scale is None else scale[:, :, None, None] * 0.5)  # the 1/2 of the orthonormal Haar
+    low, h0, h1, h2 = packed[:, :C], packed[:, C::3], packed[:, C + 1::3], packed[:, C + 2::3]
+    p, q, r, t = low + h0, low - h0, h1 + h2, h1 - h2                        # [B, C, H, W] each
+    memory_format = (torch.channels_last if packed.is_contiguous(memory_format=torch.channels_last)
+                     and not packed.is_contiguous() else torch.contiguous_format)
+    out = torch.empty(B, C, 2 * H, 2 * W, dtype=packed.dtype, device=packed.device, memory_format=memory_format)
+    phases = out.unflatten(3, (W, 2)).unflatten(2, (H, 2))                   # [B, C, H, 2, W, 2] view
+    torch.add(p, r, out=phases[:, :, :, 0, :, 0])
+    torch.sub(p, r, out=phases[:, :, :, 0, :, 1])
+    torch.add(q, t, out=phases[:, :, :, 1, :, 0])
+    torch.sub(q, t, out=phases[:, :, :, 1, :, 1])
+    return out
+
+
 def img_to_wavelets(img):
     """Inverse of wavelets_to_img: [B, C, 2H, 2W] -> [B, 4C, H, W]."""
     low, high = haar_dwt(img)
@@ -162,3 +186,17 @@ def mobile_modulated_conv2d(x, weight, styles, demod=None, weight_dw=None):
     if demod is not None:
         x = x * demod[None, :, None, None]
     return x
+
+
+def mobile_modulated_conv2d_inplace(x, weight, styles, weight_dw=None, bias=None):
+    """Inference form of mobile_modulated_conv2d with demodulation folded into `weight`, plus a bias: the same
+    values to float32 rounding in fewer passes over the activations. With a depthwise conv the style scales
+    its output in place (a per-channel factor commutes with a per-channel conv), so x is left unchanged;
+    without, x itself is scaled in place (overwritten). Convolutions keep x's memory format.
+    """
+    if weight_dw is None:
+        x = x.mul_(styles[:, :, None, None])
+    else:
+        x = F.conv2d(x, weight_dw, padding=weight_dw.shape[-1] // 2, groups=x.shape[1])
+        x.mul_(styles[:, :, None, None])
+    return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)

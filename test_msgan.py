@@ -273,6 +273,38 @@ def test_fold_keeps_outputs_and_survives_save_load(ckpt_dir, tmp_path, mi, stude
     assert all(torch.equal(a, b) for a, b in zip(freq2, after_freq))
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("noise_mode", ["const", "given", "none"])
+@pytest.mark.parametrize("ws_layout", ["standard", "official"])
+def test_inference_path_matches_the_reference_path(ckpt_dir, batch, noise_mode, ws_layout):
+    """A folded student under no_grad takes forward_inference (channels-last, in-place ops): the same image as
+    forward_reference to float32 rounding, and its inputs untouched. With autograd on, the reference runs."""
+    G = msgan.load(ckpt_dir / "official.pt").fold()
+    S = G.synthesis
+    g = torch.Generator().manual_seed(batch)
+    num_ws = S.num_ws if ws_layout == "standard" else S.num_ws_official
+    ws = torch.randn(batch, num_ws, G.w_dim, generator=g)
+    noise = ([torch.randn(batch, 1, r, r, generator=g) for r in S.noise_resolutions] if noise_mode == "given"
+             else None)
+    mode = "const" if noise_mode == "given" else noise_mode
+    inputs = [ws.clone()] + [n.clone() for n in noise or []]
+    with torch.no_grad():
+        fast = S(ws, noise=noise, noise_mode=mode, ws_layout=ws_layout)
+        ref = S.forward_reference(ws, noise=noise, noise_mode=mode, ws_layout=ws_layout)
+    assert fast.is_contiguous(memory_format=torch.channels_last)  # it did take the inference path
+    assert_max_abs(fast, ref, 1e-5 * ref.abs().max().item())
+    assert all(torch.equal(a, b) for a, b in zip(inputs, [ws] + (noise or [])))
+    ws.requires_grad_(True)
+    img = S(ws, noise=noise, noise_mode=mode, ws_layout=ws_layout)  # autograd on: the reference path
+    img.square().mean().backward()
+    assert torch.equal(img.detach(), ref) and ws.grad.abs().sum() > 0
+
+
+def test_inference_path_needs_a_folded_network(ckpt_dir):
+    with pytest.raises(ValueError, match="folded"):
+        msgan.load(ckpt_dir / "official.pt").synthesis.forward_inference(torch.zeros(1, 512))
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. ops: Haar wavelets, upfirdn2d, fused bias + leaky ReLU
 
@@ -282,6 +314,27 @@ def test_haar_dwt_matches_pytorch_wavelets(ref):
     low, high = ops.haar_dwt(h["x"])
     assert_max_abs(low, h["yl"], 1e-6)
     assert_max_abs(high, h["yh0"], 1e-6)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_inplace_ops_match_their_reference(memory_format):
+    """The inference forms of the IDWT and of the depthwise-separable modulated conv against the reference ops;
+    the output keeps the input's memory format."""
+    g = torch.Generator().manual_seed(0)
+    packed, scale = torch.randn(2, 32, 8, 8, generator=g), torch.randn(2, 32, generator=g)
+    expected = ops.wavelets_to_img(packed * scale[:, :, None, None])
+    got = ops.wavelets_to_img_inplace(packed.contiguous(memory_format=memory_format), scale)
+    assert_max_abs(got, expected, 1e-6)
+    assert got.is_contiguous(memory_format=memory_format)
+    x, styles = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, generator=g)
+    weight, weight_dw, bias = (torch.randn(24, 16, 1, 1, generator=g), torch.randn(16, 1, 3, 3, generator=g),
+                               torch.randn(24, generator=g))
+    expected = ops.mobile_modulated_conv2d(x, weight, styles, weight_dw=weight_dw) + bias[:, None, None]
+    x_in = x.contiguous(memory_format=memory_format)
+    got = ops.mobile_modulated_conv2d_inplace(x_in, weight, styles, weight_dw, bias)
+    assert_max_abs(got, expected, 1e-5)
+    assert torch.equal(x_in, x)  # with a depthwise conv the input is left alone
+    assert got.is_contiguous(memory_format=memory_format)
 
 
 def test_haar_idwt_matches_pytorch_wavelets(ref):
