@@ -338,6 +338,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    msgan.use_huge_pages()
     try:
         export(args)
     except (ExportError, ValueError, OSError, msgan.DownloadError) as e:  # msgan.CheckpointError is a ValueError

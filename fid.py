@@ -418,7 +418,7 @@ def folder_batches(paths, batch_size):
 def load_generator(model, device):
     """msgan.load(model) with its errors as FIDError."""
     try:
-        return msgan.load(model, device=device)
+        return msgan.load(model, device=device).fold()  # a student's inference form
     except (OSError, ValueError, RuntimeError) as e:  # msgan's CheckpointError / DownloadError
         raise FIDError(f"cannot load generator: {e}") from e
 
@@ -654,6 +654,7 @@ def image_stats(net, image_source, args):
 
 def main(argv=None):
     args, sources = parse_args(argv)
+    msgan.use_huge_pages()
     # cuDNN's TF32 convolutions would move the features by far more than float32 round-off
     torch.backends.cudnn.allow_tf32 = False
     try:

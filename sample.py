@@ -6,14 +6,17 @@
     python sample.py --interpolate --seeds 0-4     # looping GIF through the seeds' w codes
     python sample.py --bench                       # median ms/image of the model on this machine
 
-Image k of seed s is the same on every run and batch size: z (and, with --noise-mode random, the
-noise) comes from a generator seeded with s alone.
+Image k of seed s is the same on every run: z (and, with --noise-mode random, the noise) comes from a
+generator seeded with s alone. Across batch sizes it is the same to float rounding (a pixel value may
+rarely differ by one: BLAS sums a batch of one in another order).
 """
 import argparse
 import math
 import os
+import queue
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -25,6 +28,8 @@ import fid
 from fid import finite_float, int_in  # argparse types shared by the scripts
 
 GRID_TILE = 256          # grid tiles are downscaled to at most this many pixels
+PNG_COMPRESS_LEVEL = 1   # zlib level: 4.5x faster than Pillow's default 6 for 1024x1024 faces, files 6% larger
+WRITE_QUEUE = 2          # images waiting for the writer thread; bounds memory whatever -n is
 GRID_MAX_IMAGES = 256    # grid.jpg shows the first 256 images (16 x 16 tiles)
 GIF_SIZE = 256           # GIF frames, pixels
 GIF_FRAME_MS = 40        # 25 frames per second
@@ -77,25 +82,79 @@ def save_image(array, path, **kwargs):
         image.save(tmp, **kwargs)
 
 
-def make_grid(images):
-    """List of [H, W, 3] uint8 -> one grid image with ceil(sqrt(n)) columns of tiles <= GRID_TILE."""
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    tile = min(GRID_TILE, images[0].shape[0])
+def grid_tile(array):
+    """[H, W, 3] uint8 -> a PIL tile of at most GRID_TILE pixels a side (what the grid keeps in memory)."""
+    tile = min(GRID_TILE, array.shape[0])
+    return Image.fromarray(array).resize((tile, tile), Image.LANCZOS)
+
+
+def make_grid(tiles):
+    """List of equal PIL tiles -> one grid image with ceil(sqrt(n)) columns."""
+    cols = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    tile = tiles[0].width
     grid = Image.new("RGB", (cols * tile, rows * tile))
-    for i, array in enumerate(images):
-        grid.paste(Image.fromarray(array).resize((tile, tile), Image.LANCZOS), ((i % cols) * tile, (i // cols) * tile))
+    for i, image in enumerate(tiles):
+        grid.paste(image, ((i % cols) * tile, (i // cols) * tile))
     return grid
 
 
+class ImageWriter:
+    """Writes PNGs on a background thread while the next batch is computed (Pillow's encoder releases the GIL).
+
+    At most WRITE_QUEUE images wait, so memory is flat in -n. A write error is raised in the caller at the next
+    `put` or at the end; on any exit the images already queued are finished, so none is left half-written.
+    """
+
+    def __init__(self):
+        self.queue = queue.Queue(maxsize=WRITE_QUEUE)
+        self.error = None
+        self.thread = threading.Thread(target=self._run, name="png-writer", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while (item := self.queue.get()) is not None:
+            if self.error is None:  # after a failure the rest is dropped: the caller is about to stop
+                try:
+                    save_image(*item, compress_level=PNG_COMPRESS_LEVEL)
+                except Exception as e:
+                    self.error = e
+
+    def put(self, array, path):
+        self.raise_error()
+        self.queue.put((array, path))
+
+    def raise_error(self):
+        if self.error is not None:
+            raise self.error
+
+    def __exit__(self, *exc):
+        self.queue.put(None)
+        with msgan.interrupts_held():  # a second Ctrl-C must not abandon a file mid-write
+            self.thread.join()
+        if exc[0] is None:
+            self.raise_error()
+
+
+def newline(progress):
+    """What an error message needs in front of it: a newline if a progress line is still open."""
+    return "\n" if progress is not None and progress.open else ""
+
+
 class Progress:
+    """One stderr line, rewritten in place; `open` while it still needs its newline."""
+
     def __init__(self, total, what):
-        self.total, self.what, self.start = total, what, time.time()
+        self.total, self.what, self.start, self.open = total, what, time.time(), False
 
     def update(self, done):
         rate = (time.time() - self.start) / max(done, 1)
+        self.open = done < self.total
         print(f"\r{self.what} {done}/{self.total}  {rate:.2f} s/image  ETA {rate * (self.total - done):.0f} s",
-              end="" if done < self.total else "\n", file=sys.stderr, flush=True)
+              end="" if self.open else "\n", file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
@@ -125,12 +184,12 @@ def generate(G, seeds, psi, noise_mode, batch, device, teacher=None, progress=No
 
 
 @torch.no_grad()
-def interpolate_gif(G, seeds, psi, frames, device, path):
+def interpolate_gif(G, seeds, psi, frames, device, path, progress):
     """Looping GIF: linear interpolation in w between consecutive seeds (and back to the first)."""
     z, _ = seeded_inputs(G, seeds, "const", device)
     w = G.truncate(G.mapping(z), psi)
     keys = torch.cat([w, w[:1]])
-    progress, images = Progress(len(seeds) * frames, "frames"), []
+    images = []
     for k in range(len(seeds)):
         for t in torch.arange(frames) / frames:
             img = G.synthesis(keys[k].lerp(keys[k + 1], t.item())[None], noise_mode="const")
@@ -171,6 +230,7 @@ def main(argv=None):
     parser.add_argument("--frames", type=int_in(1, MAX_GIF_FRAMES), default=24, help="GIF frames per seed transition")
     parser.add_argument("--bench", action="store_true", help="print median ms/image and exit")
     args = parser.parse_args(argv)
+    msgan.use_huge_pages()
     if args.seeds is not None and args.n is not None:
         parser.error("give either -n or --seeds, not both")
     count = args.n or 8
@@ -185,6 +245,7 @@ def main(argv=None):
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         parser.error(f"--device {args.device}: {str(e).splitlines()[0]}")
+    progress = None
     try:
         G = msgan.load(args.model, device=device).fold()
         teacher = msgan.load(args.compare, device=device, part="teacher") if args.compare else None
@@ -198,27 +259,30 @@ def main(argv=None):
         os.makedirs(args.outdir, exist_ok=True)
         if args.interpolate:
             path = os.path.join(args.outdir, "interpolation.gif")
-            interpolate_gif(G, seeds, args.trunc, args.frames, device, path)
+            progress = Progress(len(seeds) * args.frames, "frames")
+            interpolate_gif(G, seeds, args.trunc, args.frames, device, path, progress)
             print(f"wrote {path}")
             return 0
-        grid = []  # only what the grid shows is kept in memory
+        tiles = []  # only the grid's downscaled tiles are kept in memory
         progress = Progress(len(seeds), "images")
         psnrs = []
-        for seed, array, psnr in generate(G, seeds, args.trunc, args.noise_mode, args.batch, device, teacher, progress):
-            save_image(array, os.path.join(args.outdir, f"seed{seed:04d}.png"))
-            if len(grid) < GRID_MAX_IMAGES:
-                grid.append(array)
-            psnrs.append(psnr)
-        save_image(make_grid(grid), os.path.join(args.outdir, "grid.jpg"), quality=90)
+        with ImageWriter() as writer:
+            for seed, array, psnr in generate(G, seeds, args.trunc, args.noise_mode, args.batch, device, teacher,
+                                              progress):
+                writer.put(array, os.path.join(args.outdir, f"seed{seed:04d}.png"))
+                if len(tiles) < GRID_MAX_IMAGES:
+                    tiles.append(grid_tile(array))
+                psnrs.append(psnr)
+        save_image(make_grid(tiles), os.path.join(args.outdir, "grid.jpg"), quality=90)
         print(f"wrote {len(seeds)} images and grid.jpg to {os.path.abspath(args.outdir)}")
         if teacher is not None:
             print(f"student vs teacher: PSNR {statistics.mean(psnrs):.2f} dB (mean of {len(psnrs)} images, "
                   f"min {min(psnrs):.2f})")
     except (msgan.CheckpointError, msgan.DownloadError, ValueError, OSError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
+        print(f"{newline(progress)}sample.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\nsample.py: interrupted", file=sys.stderr)
+        print(f"{newline(progress)}sample.py: interrupted", file=sys.stderr)
         return 130
     return 0
 

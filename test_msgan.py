@@ -696,8 +696,10 @@ def test_sample_writes_pngs_and_grid_and_is_batch_invariant(ckpt_dir, tmp_path, 
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == ["grid.jpg"] + [f"seed{s:04d}.png" for s in range(5)]
     assert png(tmp_path / "a" / "seed0000.png").shape == (64, 64, 3)
-    for seed in (3, 4):  # same seed, same image, whatever the batch
-        assert np.array_equal(png(tmp_path / "a" / f"seed{seed:04d}.png"), png(tmp_path / "b" / f"seed{seed:04d}.png"))
+    for seed in (3, 4):  # same seed, same image whatever the batch, to float rounding (BLAS sums a batch of 1
+        # in another order): a value may move by one level, rarely
+        a, b = (png(tmp_path / run / f"seed{seed:04d}.png").astype(int) for run in ("a", "b"))
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
     assert not np.array_equal(png(tmp_path / "a" / "seed0000.png"), png(tmp_path / "a" / "seed0001.png"))
 
 

@@ -932,6 +932,7 @@ def format_duration(seconds):
 
 
 def main(argv=None):
+    msgan.use_huge_pages()
     try:
         if (sys.argv[1:] if argv is None else list(argv))[:1] == ["bench"]:
             benchmark()
