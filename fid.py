@@ -28,7 +28,6 @@ import argparse
 import functools
 import hashlib
 import math
-import os
 import pickle
 import sys
 import time

@@ -1516,12 +1516,9 @@ def _import_styled_conv(ir, official, ours, state):
     return noise / strength
 
 
-def import_random_face(wheel):
-    """Rebuild the FFHQ-1024 Generator (folded student + mapping) from the random-face wheel's IR.
-
-    The IR files must have their published sha256: only then is the IR parsed, so a damaged or edited wheel is
-    refused with a DownloadError and never read as a network.
-    """
+def random_face_ir(wheel):
+    """{file name: bytes} of the four OpenVINO IR files in the random-face wheel, each checked against its
+    published sha256, so a damaged or edited wheel raises DownloadError and is never read as a network."""
     redo = "delete it, and msgan.load('ffhq') downloads the published wheel again"
     try:
         with zipfile.ZipFile(wheel) as zf:
@@ -1531,9 +1528,14 @@ def import_random_face(wheel):
     for name, data in files.items():
         if _sha256(data) != RANDOM_FACE_SHA256[name]:
             raise DownloadError(f"{wheel}: {name}: sha256 mismatch, the wheel was modified; {redo}")
-    data = "random_face/data/"
-    mapping = _OpenVinoIR(files[data + "MappingNetwork.xml"], files[data + "MappingNetwork.bin"])
-    ir = _OpenVinoIR(files[data + "SynthesisNetwork.xml"], files[data + "SynthesisNetwork.bin"])
+    return {os.path.basename(name): data for name, data in files.items()}
+
+
+def import_random_face(wheel):
+    """Rebuild the FFHQ-1024 Generator (folded student + mapping) from the random-face wheel's IR."""
+    files = random_face_ir(wheel)
+    mapping = _OpenVinoIR(files["MappingNetwork.xml"], files["MappingNetwork.bin"])
+    ir = _OpenVinoIR(files["SynthesisNetwork.xml"], files["SynthesisNetwork.bin"])
     with torch.device("meta"):
         template = Generator(FFHQ_CONFIG)
     blocks = len(template.synthesis.blocks)
@@ -1732,6 +1734,19 @@ def save(path, generator=None, teacher=None, discriminator=None, **extra):
         if net is not None:
             ckpt[name] = _entry(net)
     atomic_save(ckpt, path)
+
+
+def maybe_compile(module, enabled, log):
+    """torch.compile(module) if asked for and working here; otherwise the module, after one warning to `log`."""
+    if not enabled:
+        return module
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(2))  # probes the compiler tool chain once
+        return torch.compile(module)
+    except Exception as e:  # no C++ compiler, unsupported Python, ...: eager is always correct
+        log(f"warning: --compile unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "running eager")
+        return module
 
 
 def use_huge_pages():

@@ -4,21 +4,27 @@
     python sample.py --seeds 0-7 --trunc 0.7       # seeds 0..7, truncation psi 0.7
     python sample.py --model ckpt.pt --compare teacher.pt --seeds 0-3   # teacher | student pairs
     python sample.py --interpolate --seeds 0-4     # looping GIF through the seeds' w codes
-    python sample.py --bench                       # median ms/image of the model on this machine
+    python sample.py --bench                       # speed table: teacher and student paths, 256 and 1024 px
 
 Image k of seed s is the same on every run: z (and, with --noise-mode random, the noise) comes from a
 generator seeded with s alone. Across batch sizes it is the same to float rounding (a pixel value may
 rarely differ by one: BLAS sums a batch of one in another order).
 """
 import argparse
+import importlib.util
 import math
+import multiprocessing
 import os
+import platform
 import queue
+import resource
 import statistics
 import sys
+import tempfile
 import threading
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -33,7 +39,9 @@ WRITE_QUEUE = 2          # images waiting for the writer thread; bounds memory w
 GRID_MAX_IMAGES = 256    # grid.jpg shows the first 256 images (16 x 16 tiles)
 GIF_SIZE = 256           # GIF frames, pixels
 GIF_FRAME_MS = 40        # 25 frames per second
-BENCH_WARMUP, BENCH_RUNS = 2, 10
+BENCH_RESOLUTIONS = (256, 1024)
+BENCH_ROUNDS = 5         # batch-1 rounds (half as many at the throughput batch)
+BENCH_BATCH = 8          # batch of the img/s column
 # Command-line limits: past them a count is a typo, and would exhaust memory, disk or time before giving a result.
 MAX_IMAGES = 1_000_000   # -n / --seeds: a million 1024x1024 PNGs fill about 1.5 TB
 MAX_BATCH = 1024         # a larger batch is no faster, only closer to running out of memory
@@ -198,20 +206,172 @@ def interpolate_gif(G, seeds, psi, frames, device, path, progress):
     save_image(images[0], path, save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0)
 
 
-@torch.no_grad()
-def benchmark(G, device):
-    """Median milliseconds per image (batch 1, const noise) after a warm-up."""
-    w = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(0)).to(device))
-    times = []
-    for i in range(BENCH_WARMUP + BENCH_RUNS):
-        start = time.perf_counter()
-        G.synthesis(w)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times[BENCH_WARMUP:])
+# ----------------------------------------------------------------------------------------------
+# Benchmark (--bench): every (model, path) runs in its own worker process, so that each one's peak RSS is its
+# own; the workers take turns, one forward each per round, so that drift on a shared machine hits all alike.
 
 
+def bench_config(kind, res):
+    """Geometry of the benchmarked networks (random weights: the speed does not depend on them)."""
+    if kind == "teacher":  # rosinality's StyleGAN2 (channel multiplier 2), as the official teacher
+        return dict(arch="stylegan2", z_dim=512, w_dim=512, mapping_layers=8, channels=msgan.default_channels(res))
+    channels = msgan.FFHQ_CONFIG["channels"][:int(math.log2(res)) - 2]  # the FFHQ student, cut at res
+    return dict(arch="mobilestylegan", z_dim=512, w_dim=512, mapping_layers=8, channels=channels)
+
+
+def bench_generator(kind, res):
+    torch.manual_seed(0)
+    return msgan.Generator(bench_config(kind, res)).requires_grad_(False)
+
+
+def bench_runner(kind, res, path, device, onnx_path):
+    """A function ws -> images for one (model, path), built inside its worker."""
+    if path == "openvino":  # the official FFHQ-1024 IR from the random-face wheel; one w in, like msgan's
+        import openvino as ov
+        files = msgan.random_face_ir(os.path.join(msgan.WEIGHTS_DIR, "cache", msgan.RANDOM_FACE_WHEEL))
+        model = ov.Core().read_model(model=files["SynthesisNetwork.xml"],
+                                     weights=ov.Tensor(np.frombuffer(files["SynthesisNetwork.bin"], np.uint8)))
+        compiled = {}
+
+        def run_openvino(w):  # the IR has a static batch: one compiled model per batch size
+            if len(w) not in compiled:
+                model.reshape({model.inputs[0].get_any_name(): [len(w), w.shape[1]]})
+                compiled[len(w)] = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                                          "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+            return compiled[len(w)](w.numpy())[0]
+        return run_openvino
+    if path == "onnxruntime":
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        return lambda w: session.run(None, {"w": w.numpy()})[0]
+    G = bench_generator(kind, res).to(device)
+    if path == "reference":
+        return G.synthesis.forward_reference if G.is_student else G.synthesis
+    synthesis = G.fold().synthesis  # "inference" and "compiled"
+    return synthesis if path == "inference" else torch.compile(synthesis)
+
+
+def bench_worker(conn, kind, res, path, device, onnx_path):
+    """Serve ("run", batch) -> seconds, ("rss",) -> peak RSS in bytes, None -> exit."""
+    try:
+        device = torch.device(device)
+        run = bench_runner(kind, res, path, device, onnx_path)
+        ws = {b: torch.randn(b, 512, generator=torch.Generator().manual_seed(b)).to(device) for b in (1, BENCH_BATCH)}
+        with torch.no_grad():
+            run(ws[1])  # warm-up (and, for "compiled", the compilation)
+            conn.send("ready")
+            while (request := conn.recv()) is not None:
+                if request[0] == "rss":
+                    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+                    continue
+                start = time.perf_counter()
+                run(ws[request[1]])
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                conn.send(time.perf_counter() - start)
+    except Exception as e:  # reported by the parent as this path's result
+        conn.send(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+
+
+def bench_paths(resolutions, device, compile):
+    """(kind, res, path) of every benchmarked combination available here."""
+    available = {name: importlib.util.find_spec(name) is not None for name in ("onnxruntime", "openvino")}
+    paths = []
+    for res in resolutions:
+        paths.append(("teacher", res, "reference"))
+        student = ["reference", "inference"] + (["compiled"] if compile else [])
+        if available["onnxruntime"] and device == "cpu":
+            student.append("onnxruntime")
+        paths += [("student", res, path) for path in student]
+    wheel = os.path.join(msgan.WEIGHTS_DIR, "cache", msgan.RANDOM_FACE_WHEEL)
+    if 1024 in resolutions and available["openvino"] and device == "cpu" and os.path.isfile(wheel):
+        paths.append(("official", 1024, "openvino"))
+    return paths
+
+
+def bench(resolutions=BENCH_RESOLUTIONS, rounds=BENCH_ROUNDS, device="cpu", compile=False):
+    """Rows {model, res, path, ms (median, batch 1), img_s (batch BENCH_BATCH), rss (bytes), error}."""
+    rows = [dict(model=kind, res=res, path=path) for kind, res, path in bench_paths(resolutions, device, compile)]
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        workers = []
+        for row in rows:  # started one at a time: no path is built while another is timed
+            onnx_path = os.path.join(tmp, f"{row['model']}{row['res']}.onnx")
+            if row["path"] == "onnxruntime":
+                bench_export_onnx(bench_generator(row["model"], row["res"]), onnx_path)
+            conn, child = context.Pipe()
+            process = context.Process(target=bench_worker, daemon=True,
+                                      args=(child, row["model"], row["res"], row["path"], device, onnx_path))
+            process.start()
+            reply = conn.recv()
+            if reply != "ready":
+                row["error"] = reply
+            workers.append((row, conn, process))
+        live = [(row, conn) for row, conn, _ in workers if "error" not in row]
+
+        def ask(row, conn, request):
+            """The worker's answer, or None after recording its error (it has exited)."""
+            if "error" not in row:
+                conn.send(request)
+                reply = conn.recv()
+                if not isinstance(reply, str):
+                    return reply
+                row["error"] = reply
+            return None
+
+        def median_seconds(batch, count):
+            times = {id(row): [] for row, _ in live}
+            for _ in range(count):
+                for row, conn in live:
+                    times[id(row)].append(ask(row, conn, ("run", batch)))
+            return {key: statistics.median(values) if None not in values else None for key, values in times.items()}
+        seconds = median_seconds(1, rounds)
+        for row, conn in live:
+            row.update(ms=seconds[id(row)] and 1000 * seconds[id(row)], rss=ask(row, conn, ("rss",)))
+        median_seconds(BENCH_BATCH, 1)  # warm-up at the larger batch
+        seconds = median_seconds(BENCH_BATCH, max(1, rounds // 2))
+        for row, _ in live:
+            row["img_s"] = seconds[id(row)] and BENCH_BATCH / seconds[id(row)]
+        for row, conn, process in workers:
+            if "error" not in row:
+                conn.send(None)
+            process.join()
+    return rows
+
+
+def bench_export_onnx(G, path):
+    """msgan's own synthesis.onnx of G (the file `export.py onnx` writes), for the onnxruntime path."""
+    import export  # only the benchmark needs the exporter
+    G.fold()
+    with torch.no_grad():
+        export.export_onnx(export.SynthesisGraph(G), {"w": torch.randn(1, G.w_dim)}, "img", path,
+                           export.DEFAULT_OPSET, {})
+
+
+def bench_table(rows, threads):
+    """The benchmark as a Markdown table, plus the ratios that matter."""
+    lines = [f"| model | res | path | ms/image (batch 1) | img/s (batch {BENCH_BATCH}) | peak RSS (GB) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['res']} | {row['path']} | failed: {row['error']} | | |")
+            continue
+        lines.append(f"| {row['model']} | {row['res']} | {row['path']} | {row['ms']:.0f} | {row['img_s']:.2f} "
+                     f"| {row['rss'] / 2**30:.2f} |")
+    ms = {(row["model"], row["res"], row["path"]): row["ms"] for row in rows if "error" not in row}
+    for res in sorted({row["res"] for row in rows}):
+        student = {path: value for (model, r, path), value in ms.items() if model == "student" and r == res}
+        best = min(student, key=student.get, default=None)
+        if best and ("teacher", res, "reference") in ms:
+            lines.append(f"\n{res}px: teacher / student ({best}) = {ms['teacher', res, 'reference'] / student[best]:.1f}x")
+        if best and ("official", res, "openvino") in ms:
+            lines.append(f"{res}px: msgan {best} / official OpenVINO = {student[best] / ms['official', res, 'openvino']:.2f}")
+        if "inference" in student and "reference" in student:
+            lines.append(f"{res}px: inference path / reference path = {student['inference'] / student['reference']:.2f}")
+    return "\n".join(lines) + f"\n({threads} threads, {platform.processor() or platform.machine()}, " \
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')})"
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ffhq", help="pretrained name (ffhq) or checkpoint path")
@@ -228,7 +388,10 @@ def main(argv=None):
                         help="also run this file's StyleGAN2 teacher: writes teacher | student pairs, prints the PSNR")
     parser.add_argument("--interpolate", action="store_true", help="write a looping GIF through the seeds")
     parser.add_argument("--frames", type=int_in(1, MAX_GIF_FRAMES), default=24, help="GIF frames per seed transition")
-    parser.add_argument("--bench", action="store_true", help="print median ms/image and exit")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the synthesis network (falls back to eager with a warning)")
+    parser.add_argument("--bench", action="store_true", help="print the speed table of teacher and student "
+                        f"paths at {' and '.join(map(str, BENCH_RESOLUTIONS))} px (random weights) and exit")
     args = parser.parse_args(argv)
     msgan.use_huge_pages()
     if args.seeds is not None and args.n is not None:
@@ -245,17 +408,16 @@ def main(argv=None):
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         parser.error(f"--device {args.device}: {str(e).splitlines()[0]}")
+    if args.bench:
+        print(bench_table(bench(device=device.type, compile=args.compile), torch.get_num_threads()))
+        return 0
     progress = None
     try:
         G = msgan.load(args.model, device=device).fold()
+        G.synthesis = msgan.maybe_compile(G.synthesis, args.compile, lambda text: print(text, file=sys.stderr))
         teacher = msgan.load(args.compare, device=device, part="teacher") if args.compare else None
         if teacher is not None and teacher.z_dim != G.z_dim:
             raise ValueError(f"--compare: teacher z_dim {teacher.z_dim} != model z_dim {G.z_dim}")
-        if args.bench:
-            ms = benchmark(G, device)
-            print(f"{args.model}: {G.img_resolution}x{G.img_resolution}, {device}, batch 1: "
-                  f"median {ms:.1f} ms/image ({torch.get_num_threads()} threads)")
-            return 0
         os.makedirs(args.outdir, exist_ok=True)
         if args.interpolate:
             path = os.path.join(args.outdir, "interpolation.gif")

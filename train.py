@@ -309,19 +309,6 @@ class GeneratorPass(nn.Module):
         return G.synthesis(ws, noise=noise), None, ws
 
 
-def maybe_compile(module, enabled, log):
-    """torch.compile(module) if asked for and working here; otherwise the module, with one warning."""
-    if not enabled:
-        return module
-    try:
-        torch.compile(lambda x: x * 2)(torch.ones(2))  # probes the compiler tool chain once
-        return torch.compile(module)
-    except Exception as e:  # no C++ compiler, unsupported Python, ...: eager is always correct
-        log(f"warning: --compile unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "running eager")
-        return module
-
-
 @torch.no_grad()
 def update_ema(ema, model, beta):
     for p_ema, p in zip(ema.parameters(), model.parameters()):
@@ -797,7 +784,7 @@ class Run:
         self.step, self.images_seen, self.best = state["step"], state["images_seen"], state["best"]
         self.aug_p = state["aug_p"]
         self.ada_signs = torch.zeros(2)  # sum of sign(D(real)) and count since the last adaptation
-        self.gen, self.D_train = maybe_compile(GeneratorPass(self.G), args.compile, self.say), self.D
+        self.gen, self.D_train = msgan.maybe_compile(GeneratorPass(self.G), args.compile, self.say), self.D
         if self.world > 1:
             self.gen = nn.parallel.DistributedDataParallel(self.gen, broadcast_buffers=False)
             self.D_train = nn.parallel.DistributedDataParallel(self.D, broadcast_buffers=False)
