@@ -374,8 +374,8 @@ class MobileSynthesis(nn.Module, NoiseMixin):
     distillation loss).
 
     Two paths compute the image: `forward_reference`, the training path, and `forward_inference`, which a
-    folded network takes under torch.no_grad() (not while tracing for export): channels-last activations,
-    bias inside the convs, noise, activation, modulation and IDWT in place. Same image to float32 rounding.
+    folded network takes in eager mode under torch.no_grad(): channels-last activations, bias inside the convs,
+    noise, activation, modulation and IDWT in place. Same image to float32 rounding.
     """
 
     def __init__(self, w_dim, channels, folded=False):
@@ -400,7 +400,9 @@ class MobileSynthesis(nn.Module, NoiseMixin):
         raise ValueError(f"ws_layout must be 'standard' or 'official', got {ws_layout!r}")
 
     def forward(self, ws, noise=None, noise_mode="const", return_freq=False, ws_layout="standard"):
-        if self.folded and not (return_freq or torch.is_grad_enabled() or torch.jit.is_tracing()):
+        # tracers (export) and torch.compile get the reference graph: they fuse its elementwise ops themselves
+        if self.folded and not (return_freq or torch.is_grad_enabled() or torch.jit.is_tracing()
+                                or torch.compiler.is_compiling()):
             return self.forward_inference(ws, noise, noise_mode, ws_layout)
         return self.forward_reference(ws, noise, noise_mode, return_freq, ws_layout)
 

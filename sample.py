@@ -42,6 +42,8 @@ GIF_FRAME_MS = 40        # 25 frames per second
 BENCH_RESOLUTIONS = (256, 1024)
 BENCH_ROUNDS = 5         # batch-1 rounds (half as many at the throughput batch)
 BENCH_BATCH = 8          # batch of the img/s column
+BENCH_SETTLE_S = 0.3     # idle time before each timed call: the last worker's OpenMP / onnxruntime threads spin
+                         # for a while after their work and would otherwise slow the next worker down
 # Command-line limits: past them a count is a typo, and would exhaust memory, disk or time before giving a result.
 MAX_IMAGES = 1_000_000   # -n / --seeds: a million 1024x1024 PNGs fill about 1.5 TB
 MAX_BATCH = 1024         # a larger batch is no faster, only closer to running out of memory
@@ -314,6 +316,7 @@ def bench(resolutions=BENCH_RESOLUTIONS, rounds=BENCH_ROUNDS, device="cpu", comp
         def ask(row, conn, request):
             """The worker's answer, or None after recording its error (it has exited)."""
             if "error" not in row:
+                time.sleep(BENCH_SETTLE_S if request[0] == "run" else 0)
                 conn.send(request)
                 reply = conn.recv()
                 if not isinstance(reply, str):
