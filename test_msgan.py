@@ -337,6 +337,60 @@ def test_inplace_ops_match_their_reference(memory_format):
     assert got.is_contiguous(memory_format=memory_format)
 
 
+@pytest.mark.parametrize("H, W, kernel, up, down, pad", [
+    (8, 8, (4, 4), 2, 1, (2, 1, 2, 1)),   # ToRGB's skip upsampling
+    (9, 9, (4, 4), 1, 1, (1, 1, 1, 1)),   # the blur after a transposed conv
+    (8, 8, (4, 4), 1, 2, (1, 1, 1, 1)),   # the discriminator's downsampling
+    (6, 7, (2, 3), 3, 2, (-1, 2, 0, 1)),  # odd sizes, crops
+])
+def test_upfirdn2d_gradient_is_an_upfirdn2d(H, W, kernel, up, down, pad):
+    """The CUDA path's backward (and double backward) is upfirdn2d again, with upfirdn2d_grad_args: the
+    transpose of the op, checked here against autograd through the reference."""
+    g = torch.Generator().manual_seed(H)
+    x = torch.randn(2, 3, H, W, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(*kernel, dtype=torch.float64, generator=g)
+    y = ops.upfirdn2d_reference(x, k, up, down, pad)
+    grad = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    y.backward(grad)
+    g_up, g_down, g_pad = ops.upfirdn2d_grad_args(x.shape, k.shape, up, down, pad)
+    assert_max_abs(ops.upfirdn2d_reference(grad, k.flip(0, 1), g_up, g_down, g_pad), x.grad, 1e-12)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_cuda_kernels_compile_with_nvcc(tmp_path):
+    """Without a GPU, the kernels' CUDA source at least compiles (the torch binding needs a CUDA build of torch)."""
+    source = tmp_path / "msgan_ops.cu"
+    source.write_text(ops.CUDA_SOURCE)
+    result = subprocess.run(["nvcc", "-c", "-O3", "-o", str(tmp_path / "msgan_ops.o"), str(source)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "msgan_ops.o").stat().st_size > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_kernels_match_the_reference_ops():
+    """On a GPU: values, gradients and second-order gradients of the kernels against the reference ops."""
+    assert all(" ok " in line for line in ops.check_cuda_kernels(timing_runs=1))
+
+
+def test_cuda_kernels_fall_back_with_one_warning(monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def broken_build(*args, **kwargs):
+        raise OSError("nvcc: not found")
+    monkeypatch.setattr(cpp_extension, "load_inline", broken_build)
+    ops.cuda_kernels.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"CUDA kernels unavailable \(OSError: nvcc: not found\)") as record:
+            assert ops.cuda_kernels() is None and ops.cuda_kernels() is None  # built (and warned) once
+        assert len(record) == 1
+        ops.cuda_kernels.cache_clear()
+        monkeypatch.setenv("MSGAN_CUDA_KERNELS", "0")
+        assert ops.cuda_kernels() is None  # off: no build attempted, no warning
+    finally:
+        ops.cuda_kernels.cache_clear()
+
+
 def test_haar_idwt_matches_pytorch_wavelets(ref):
     h = ref["haar"]
     assert_max_abs(ops.haar_idwt(h["yl"], h["yh0"]), h["recon"], 1e-6)
