@@ -692,8 +692,8 @@ def generator_phase(run, inputs, step):
 
 
 def discriminator_phase(run, pairs, step):
-    """Logistic loss on augmented real and fake images; lazy R1 on the real ones, which on R1 steps is
-    added to the loss (StyleGAN2) or replaces it (official MobileStyleGAN), per --r1-mode."""
+    """Logistic loss on augmented real and fake images; lazy R1 on the augmented real ones, which on R1 steps
+    is added to the loss (StyleGAN2) or replaces it (official MobileStyleGAN), per --r1-mode."""
     args = run.args
     run.D.requires_grad_(True)
     run.opt_d.zero_grad(set_to_none=True)
@@ -706,10 +706,10 @@ def discriminator_phase(run, pairs, step):
                 losses["d"] = msgan.d_logistic_loss(real_logits, run.D_train(msgan.augment(fake, chunk["aug_fake"])))
                 run.ada_signs += torch.tensor([real_logits.detach().sign().sum().item(), len(real_logits)])
             if r1_step:
-                # + 0 x every parameter: DDP waits for a gradient of each, and R1 gives none to D's last
-                # bias (it does not change dD/dx)
-                losses["r1"] = (msgan.r1_penalty(run.D_train, real) * (args.r1 / 2 * args.r1_every)
-                                + 0 * sum(p.sum() for p in run.D.parameters()))
+                # at the images D judges: the gradient w.r.t. the real image through its augmentation (ADA's R1);
+                # + 0 x every parameter: DDP waits for a gradient of each, and R1 gives none to D's last bias
+                r1 = msgan.r1_penalty(lambda x: run.D_train(msgan.augment(x, chunk["aug_real"])), real)
+                losses["r1"] = r1 * (args.r1 / 2 * args.r1_every) + 0 * sum(p.sum() for p in run.D.parameters())
             check_finite(losses, step, run.poison)
             (sum(losses.values()) / len(pairs)).backward()
         run.record(losses)
