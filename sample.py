@@ -238,8 +238,8 @@ def bench_runner(kind, res, path, device, onnx_path):
         def run_openvino(w):  # the IR has a static batch: one compiled model per batch size
             if len(w) not in compiled:
                 model.reshape({model.inputs[0].get_any_name(): [len(w), w.shape[1]]})
-                compiled[len(w)] = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                                          "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+                config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+                compiled[len(w)] = ov.Core().compile_model(model, "CPU", config)
             return compiled[len(w)](w.numpy())[0]
         return run_openvino
     if path == "onnxruntime":
@@ -367,14 +367,19 @@ def bench_table(rows, threads):
     for res in sorted({row["res"] for row in rows}):
         student = {path: value for (model, r, path), value in ms.items() if model == "student" and r == res}
         best = min(student, key=student.get, default=None)
-        if best and ("teacher", res, "reference") in ms:
-            lines.append(f"\n{res}px: teacher / student ({best}) = {ms['teacher', res, 'reference'] / student[best]:.1f}x")
-        if best and ("official", res, "openvino") in ms:
-            lines.append(f"{res}px: msgan {best} / official OpenVINO = {student[best] / ms['official', res, 'openvino']:.2f}")
+        teacher, official = ms.get(("teacher", res, "reference")), ms.get(("official", res, "openvino"))
+        if best and teacher:
+            lines.append(f"\n{res}px: teacher / student ({best}) = {teacher / student[best]:.1f}x")
+        if best and official:
+            lines.append(f"{res}px: msgan {best} / official OpenVINO = {student[best] / official:.2f}")
         if "inference" in student and "reference" in student:
-            lines.append(f"{res}px: inference path / reference path = {student['inference'] / student['reference']:.2f}")
-    return "\n".join(lines) + f"\n({threads} threads, {platform.processor() or platform.machine()}, " \
-        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')})"
+            lines.append(f"{res}px: inference path / reference path = "
+                         f"{student['inference'] / student['reference']:.2f}")
+    machine = platform.processor() or platform.machine()
+    lines.append(f"({threads} threads, {machine}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')})")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ffhq", help="pretrained name (ffhq) or checkpoint path")
