@@ -780,6 +780,26 @@ def test_sample_compile_falls_back_to_eager_with_one_warning(ckpt_dir, tmp_path,
     assert (tmp_path / "seed0000.png").exists()
 
 
+def test_huge_pages_are_asked_for_unless_the_user_said_otherwise(monkeypatch):
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    msgan.use_huge_pages()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    msgan.use_huge_pages()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
+def test_sample_grid_keeps_only_downscaled_tiles(ckpt_dir, tmp_path, monkeypatch):
+    """Memory flat in -n: the grid is built from tiles made as each image arrives, never from full images."""
+    monkeypatch.setattr(sample, "GRID_TILE", 16)
+    made = []
+    real_tile = sample.grid_tile
+    monkeypatch.setattr(sample, "grid_tile", lambda array: made.append(real_tile(array)) or made[-1])
+    assert run_sample("--model", ckpt_dir / "official.pt", "--seeds", "0-4", "--outdir", tmp_path) == 0
+    assert [tile.size for tile in made] == [(16, 16)] * 5
+    assert Image.open(tmp_path / "grid.jpg").size == (3 * 16, 2 * 16)
+
+
 def test_sample_random_noise_is_seeded_per_image(ckpt_dir, tmp_path):
     model = ckpt_dir / "official.pt"
     for outdir, batch in (("a", 3), ("b", 1)):
