@@ -829,6 +829,8 @@ def test_sample_interpolate_writes_a_looping_gif(ckpt_dir, tmp_path):
     assert gif.n_frames == 6 and gif.info["loop"] == 0
 
 
+@pytest.mark.parametrize("args", [["--trunc", "abc"], ["--seeds", "3-x"], ["-n", "0"], ["--noise-mode", "loud"],
+                                  ["-n", "2", "--seeds", "0-1"]])
 def test_sample_bad_flags_exit_2(args, capsys):
     with pytest.raises(SystemExit) as e:
         run_sample(*args)
