@@ -354,6 +354,15 @@ class IDWTUpsample(nn.Module):
         return ops.wavelets_to_img_inplace(x, self.modulation(w))
 
 
+TILE_BYTES = 4 * 2**20  # the inference path runs a block in tiles of about this many bytes of features: the
+                        # depthwise conv, pointwise conv, noise and activation of a tile then stay in the CPU's cache
+
+
+def _rows(t, start, stop, sample):
+    """Rows [start, stop) of the samples `sample` (a slice) of a [B, C, H, W] map; None and batch-1 maps are shared."""
+    return None if t is None else t[sample if t.shape[0] > 1 else slice(None), :, start:stop]
+
+
 class MobileBlock(nn.Module):
     """IDWT-upsample -> two depthwise-separable styled convs -> wavelet head, at 2x the input size."""
 
@@ -363,6 +372,42 @@ class MobileBlock(nn.Module):
         self.conv1 = MobileStyledConv(in_ch // 4, out_ch, w_dim, folded=folded)
         self.conv2 = MobileStyledConv(out_ch, out_ch, w_dim, folded=folded)
         self.to_wavelets = ToWavelets(out_ch, w_dim)
+
+    def tiles(self, batch, resolution):
+        """(samples, first row, last row + 1) of the output tiles: the whole batch when its features fit in
+        TILE_BYTES, else strips of rows of one sample at a time."""
+        row_bytes = resolution * self.conv2.bias.numel() * 4  # one row of one sample's float32 features
+        if batch * resolution * row_bytes <= TILE_BYTES:
+            return [(slice(None), 0, resolution)]
+        rows = max(TILE_BYTES // row_bytes, 1)
+        return [(slice(b, b + 1), r0, min(r0 + rows, resolution))
+                for b in range(batch) for r0 in range(0, resolution, rows)]
+
+    def forward_inplace(self, x, w_up, w_conv2, noise1, noise2, w_head=None):
+        """forward of a folded block without autograd, tile by tile; x (channels-last) is not modified.
+
+        Returns the features [B, C_out, 2H, 2W], or with w_head the image of the wavelet head [B, 3, 4H, 4W].
+        Each conv recomputes the one halo row its 3x3 depthwise kernel reads from a neighbouring tile, so every
+        output row is computed exactly as on the whole map (the zero padding only ever lands on image borders).
+        """
+        B, _, H, W = x.shape
+        R = 2 * H
+        shape = (B, 3, 2 * R, 2 * R) if w_head is not None else (B, self.conv2.bias.numel(), R, R)
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        for sample, r0, r1 in self.tiles(B, R):
+            a1, b1 = max(r0 - 1, 0), min(r1 + 1, R)  # conv1 output rows that conv2 reads
+            a0, b0 = max(a1 - 1, 0), min(b1 + 1, R)  # upsampled rows that conv1 reads
+            lo, hi = a0 // 2, (b0 + 1) // 2          # x rows whose IDWT makes them
+            y = self.up.forward_inplace(x[sample, :, lo:hi].clone(memory_format=torch.channels_last),
+                                        w_up[sample])[:, :, a0 - 2 * lo:b0 - 2 * lo]
+            y = self.conv1.forward_inplace(y, w_up[sample], _rows(noise1, a0, b0, sample))[:, :, a1 - a0:b1 - a0]
+            y = self.conv2.forward_inplace(y, w_conv2[sample], _rows(noise2, a1, b1, sample))[:, :, r0 - a1:r1 - a1]
+            if w_head is None:
+                out[sample, :, r0:r1] = y
+            else:
+                out[sample, :, 2 * r0:2 * r1] = ops.wavelets_to_img_inplace(
+                    self.to_wavelets.forward_inplace(y, w_head[sample]))
+        return out
 
 
 class MobileSynthesis(nn.Module, NoiseMixin):
@@ -375,7 +420,8 @@ class MobileSynthesis(nn.Module, NoiseMixin):
 
     Two paths compute the image: `forward_reference`, the training path, and `forward_inference`, which a
     folded network takes in eager mode under torch.no_grad(): channels-last activations, bias inside the convs,
-    noise, activation, modulation and IDWT in place. Same image to float32 rounding.
+    noise, activation, modulation and IDWT in place, and each block run in cache-sized tiles (TILE_BYTES). Same
+    image to float32 rounding.
     """
 
     def __init__(self, w_dim, channels, folded=False):
@@ -431,12 +477,11 @@ class MobileSynthesis(nn.Module, NoiseMixin):
         noise = self.resolve_noise(ws.shape[0], noise, noise_mode, ws.device)
         x = self.conv1(self.const.expand(ws.shape[0], -1, -1, -1), ws[:, s_conv1], noise[0])  # 4x4: cheap
         x = x.contiguous(memory_format=torch.channels_last)  # the layout CPU convolutions run fastest in
-        for i, (block, (s_up, s_conv2, _)) in enumerate(zip(self.blocks, block_slots)):
-            x = block.up.forward_inplace(x, ws[:, s_up])
-            x = block.conv1.forward_inplace(x, ws[:, s_up], noise[2 * i + 1])
-            x = block.conv2.forward_inplace(x, ws[:, s_conv2], noise[2 * i + 2])
-        head = self.blocks[-1].to_wavelets.forward_inplace(x, ws[:, block_slots[-1][2]])
-        return ops.wavelets_to_img_inplace(head)
+        last = len(self.blocks) - 1
+        for i, (block, (s_up, s_conv2, s_head)) in enumerate(zip(self.blocks, block_slots)):
+            x = block.forward_inplace(x, ws[:, s_up], ws[:, s_conv2], noise[2 * i + 1], noise[2 * i + 2],
+                                      w_head=ws[:, s_head] if i == last else None)
+        return x
 
     def fold(self):
         """Switch to the inference form: demodulation folded into the weights (identical outputs)."""

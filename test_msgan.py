@@ -276,9 +276,14 @@ def test_fold_keeps_outputs_and_survives_save_load(ckpt_dir, tmp_path, mi, stude
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("noise_mode", ["const", "given", "none"])
 @pytest.mark.parametrize("ws_layout", ["standard", "official"])
-def test_inference_path_matches_the_reference_path(ckpt_dir, batch, noise_mode, ws_layout):
-    """A folded student under no_grad takes forward_inference (channels-last, in-place ops): the same image as
-    forward_reference to float32 rounding, and its inputs untouched. With autograd on, the reference runs."""
+@pytest.mark.parametrize("tile_bytes", [msgan.TILE_BYTES, 5000, 1])
+def test_inference_path_matches_the_reference_path(ckpt_dir, batch, noise_mode, ws_layout, tile_bytes,
+                                                   monkeypatch):
+    """A folded student under no_grad takes forward_inference (channels-last, in-place ops, blocks in tiles): the
+    same image as forward_reference to float32 rounding, and its inputs untouched. With autograd on, the reference
+    runs. This small network fits one tile per block at the default size; smaller tiles make strips of a few rows
+    (5000 bytes) or of one row (1 byte), one sample at a time, whose halo rows must reproduce the whole map."""
+    monkeypatch.setattr(msgan, "TILE_BYTES", tile_bytes)
     G = msgan.load(ckpt_dir / "official.pt").fold()
     S = G.synthesis
     g = torch.Generator().manual_seed(batch)
@@ -298,6 +303,15 @@ def test_inference_path_matches_the_reference_path(ckpt_dir, batch, noise_mode, 
     img = S(ws, noise=noise, noise_mode=mode, ws_layout=ws_layout)  # autograd on: the reference path
     img.square().mean().backward()
     assert torch.equal(img.detach(), ref) and ws.grad.abs().sum() > 0
+
+
+def test_blocks_are_tiled_by_sample_and_rows_when_their_features_outgrow_a_tile(monkeypatch):
+    block = msgan.MobileBlock(64, 16, w_dim=8)
+    row_bytes = 32 * 16 * 4  # one row of one sample's 16-channel features at 32x32
+    monkeypatch.setattr(msgan, "TILE_BYTES", 2 * 32 * row_bytes)
+    assert block.tiles(2, 32) == [(slice(None), 0, 32)]  # the whole batch fits
+    monkeypatch.setattr(msgan, "TILE_BYTES", 10 * row_bytes)
+    assert block.tiles(2, 32) == [(slice(b, b + 1), r0, min(r0 + 10, 32)) for b in (0, 1) for r0 in (0, 10, 20, 30)]
 
 
 def test_inference_path_needs_a_folded_network(ckpt_dir):
