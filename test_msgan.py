@@ -2484,6 +2484,7 @@ CLI_FAILURES = {  # name -> (patch applied for the run, what the error line says
     "read-only outdir": (lambda mp: [mp.setattr(tempfile, f, read_only) for f in ("mkstemp", "mkdtemp")],
                          "Read-only file system"),
     "disk full mid-run": (lambda mp: [mp.setattr(Image.Image, "save", lambda self, fp, *a, **k: write_then_fail(fp)),
+                                      mp.setattr(Path, "write_bytes", lambda self, data: write_then_fail(self)),
                                       mp.setattr(onnx, "save", lambda model, f, *a, **k: write_then_fail(f)),
                                       mp.setattr(np, "savez_compressed", lambda f, **k: write_then_fail(f))],
                           "No space left on device"),
