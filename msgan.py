@@ -1810,6 +1810,12 @@ def atomic_save(obj, path):
         torch.save(obj, tmp)
 
 
+def _current_umask():
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path):
     """Yield a temp file name in `path`'s folder (same extension), renamed to `path` when the block ends. An
@@ -1818,6 +1824,7 @@ def atomic_file(path):
         try:
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
                                        suffix=os.path.splitext(path)[1])
+            os.fchmod(fd, 0o666 & ~_current_umask())  # the mode open() would give, not mkstemp's private 0600
             os.close(fd)
         except OSError as e:
             raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None

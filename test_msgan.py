@@ -2571,6 +2571,19 @@ def test_a_ctrl_c_during_an_atomic_write_is_held_until_the_file_is_whole(when, t
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_files_get_the_mode_a_plain_open_would_give(umask, tmp_path):
+    """Not the private 0600 of the temp file behind them: a PNG or a checkpoint is as readable as any new file."""
+    previous = os.umask(umask)
+    try:
+        sample.save_png(np.zeros((2, 2, 3), np.uint8), str(tmp_path / "a.png"))
+        msgan.atomic_save({"x": 1}, str(tmp_path / "b.pt"))
+    finally:
+        os.umask(previous)
+    for name in ("a.png", "b.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 # ----------------------------------------------------------------------------------------------
 # Distillation losses and the differentiable augmentation (golden data: discriminator_and_loss_public.md, §2)
 
@@ -3012,6 +3025,40 @@ def test_train_read_only_outdir_is_refused_before_training(tiny_teacher, tmp_pat
     assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--outdir", tmp_path / "run") == 1
     assert "not writable (Read-only file system)" in one_line_error(capsys)
     assert os.listdir(tmp_path / "run") == []
+
+
+EMOJI_MAX_BYTES = 20 * 2**20  # the shipped emoji teacher and student together
+EMOJI_MIN_PSNR_DB = 20.0      # the shipped student against its teacher (measured: see weights/README.md)
+
+
+def test_shipped_emoji_teacher_and_student_load_offline_and_draw_the_same_images():
+    """weights/ ships the emoji teacher (StyleGAN2, 32x32) and the student train.py distilled from it: both load
+    by name without a network, they share the mapping, and the student draws the teacher's images."""
+    teacher, student = msgan.load("emoji-teacher"), msgan.load("emoji")
+    assert sum(os.path.getsize(msgan.pretrained_path(n)) for n in ("emoji-teacher", "emoji")) <= EMOJI_MAX_BYTES
+    assert not teacher.is_student and student.is_student
+    assert teacher.img_resolution == student.img_resolution == 32 and teacher.z_dim == student.z_dim
+    assert all(torch.equal(a, b) for a, b in zip(teacher.mapping.parameters(), student.mapping.parameters()))
+    z = torch.randn(64, teacher.z_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        noise = teacher.synthesis.resolve_noise(64, None, "const", "cpu")  # the student reads the maps it has
+        psnr = fid.psnr(student(z, noise=noise), teacher(z, noise=noise))
+    assert psnr.mean() > EMOJI_MIN_PSNR_DB, psnr.mean()
+
+
+def test_train_py_without_a_teacher_distills_the_shipped_emoji_teacher(tmp_path):
+    out = tmp_path / "run"
+    assert run_train(*QUICK, "--steps", 2, "--outdir", out) == 0
+    teacher, shipped = msgan.load(out / "last.pt", part="teacher"), msgan.load("emoji-teacher")
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), shipped.state_dict().values()))
+    assert msgan.load(out / "last.pt").is_student
+
+
+def test_train_py_without_a_teacher_or_the_shipped_one_names_the_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(msgan, "WEIGHTS_DIR", str(tmp_path))
+    assert run_train("--steps", 2, "--outdir", tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "--teacher" in err and len(err.strip().splitlines()) == 1
 
 
 def test_distilling_an_nvidia_pickle(tmp_path):
