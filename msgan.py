@@ -384,7 +384,8 @@ class MobileBlock(nn.Module):
                 for b in range(batch) for r0 in range(0, resolution, rows)]
 
     def forward_inplace(self, x, w_up, w_conv2, noise1, noise2, w_head=None):
-        """forward of a folded block without autograd, tile by tile; x (channels-last) is not modified.
+        """forward of a folded block without autograd, tile by tile, channels-last (the layout CPU convolutions run
+        fastest in: each tile's input is copied into it); x is not modified.
 
         Returns the features [B, C_out, 2H, 2W], or with w_head the image of the wavelet head [B, 3, 4H, 4W].
         Each conv recomputes the one halo row its 3x3 depthwise kernel reads from a neighbouring tile, so every
@@ -476,7 +477,6 @@ class MobileSynthesis(nn.Module, NoiseMixin):
         ws = _expand_ws(ws, self.num_ws if ws_layout == "standard" else self.num_ws_official, self.w_dim)
         noise = self.resolve_noise(ws.shape[0], noise, noise_mode, ws.device)
         x = self.conv1(self.const.expand(ws.shape[0], -1, -1, -1), ws[:, s_conv1], noise[0])  # 4x4: cheap
-        x = x.contiguous(memory_format=torch.channels_last)  # the layout CPU convolutions run fastest in
         last = len(self.blocks) - 1
         for i, (block, (s_up, s_conv2, s_head)) in enumerate(zip(self.blocks, block_slots)):
             x = block.forward_inplace(x, ws[:, s_up], ws[:, s_conv2], noise[2 * i + 1], noise[2 * i + 2],

@@ -23,7 +23,6 @@ import statistics
 import struct
 import sys
 import tempfile
-import threading
 import time
 import zlib
 
