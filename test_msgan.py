@@ -2750,6 +2750,18 @@ def test_resume_continues_bit_identically(tiny_teacher, tmp_path):
     assert [r["step"] for r in log_lines(tmp_path / "a")] == [2, 4, 6, 8]
 
 
+def test_resume_may_lower_the_learning_rates_and_lengthen_the_ema(tiny_teacher, tmp_path, capsys):
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--outdir", tmp_path) == 0
+    assert run_train("--resume", tmp_path / "last.pt", "--steps", 4, "--lr", 1e-4, "--d-lr", 2e-4,
+                     "--ema-kimg", 7, "--batch", 3) == 0
+    assert "ignoring --batch" in capsys.readouterr().err  # not an override: the checkpoint's batch stays
+    state = train_state(tmp_path / "last.pt")[0]
+    assert [g["lr"] for g in state["opt_g"]["param_groups"]] == [1e-4]
+    assert [g["lr"] for g in state["opt_d"]["param_groups"]] == [2e-4]
+    assert (state["args"]["lr"], state["args"]["d_lr"], state["args"]["ema_kimg"]) == (1e-4, 2e-4, 7)
+    assert state["args"]["batch"] != 3
+
+
 DDP_WRAPPER = '''
 import sys, torch, torch.distributed as dist, train
 args, _ = train.parse_args(sys.argv[1:])

@@ -62,8 +62,10 @@ DISTILL_DEFAULTS = dict(steps=3000, batch=16, lr=5e-4, d_lr=5e-4, betas=(0.9, 0.
 TEACHER_DEFAULTS = dict(steps=50000, batch=32, lr=2e-3, d_lr=2e-3, betas=(0.0, 0.99), grad_clip=0.0,
                         ema_kimg=10.0, r1=0.01, r1_every=16, r1_mode="add", aug_p=0.0, ada_target=0.6,
                         mix_prob=0.9, log_every=500, val_samples=256)
-# Only these may change when a run is resumed; everything else comes from the checkpoint.
-RESUME_OVERRIDES = ("steps", "outdir", "log_every", "device", "compile", "vgg", "data", "teacher", "resume")
+# Only these may change when a run is resumed; everything else comes from the checkpoint. The learning rates
+# and the EMA half-life are among them because lowering them is how a long GAN run is finished.
+RESUME_OVERRIDES = ("steps", "outdir", "log_every", "device", "compile", "vgg", "data", "teacher", "resume",
+                    "lr", "d_lr", "ema_kimg")
 
 
 class TrainError(Exception):
@@ -653,8 +655,10 @@ def build_state(args, device, log):
                  aug_p=args.aug_p)
     if resume is not None:
         train = resume["train"]
-        opt_g.load_state_dict(train["opt_g"])
-        opt_d.load_state_dict(train["opt_d"])
+        for opt, saved, lr in ((opt_g, train["opt_g"], args.lr), (opt_d, train["opt_d"], args.d_lr)):
+            opt.load_state_dict(saved)  # this restores the saved lr too: --lr / --d-lr on resume win
+            for group in opt.param_groups:
+                group["lr"] = lr
         state.update(step=train["step"], images_seen=train["images_seen"], best=train["best"], aug_p=train["aug_p"])
         torch.set_rng_state(train["rng"])
         if "cuda_rng" in train and torch.cuda.is_available():
