@@ -2714,8 +2714,9 @@ def tiny_teacher(tmp_path_factory):
     return path
 
 
-def test_distilling_the_golden_teacher_lowers_the_loss_and_raises_psnr(ckpt_dir, tmp_path):
-    """A few dozen CPU steps from the public rosinality teacher (64x64): loss down, validation PSNR up."""
+def test_distilling_the_golden_teacher_lowers_the_loss(ckpt_dir, tmp_path):
+    """A few dozen CPU steps from the public rosinality teacher (64x64, random weights): loss down. (Its noise-like
+    images move PSNR too little in 40 steps to test; the shipped emoji teacher's test below checks PSNR.)"""
     out = tmp_path / "run"
     assert run_train("--teacher", ckpt_dir / "rosinality.pt", "--steps", 40, "--batch", 8, "--log-every", 8,
                      "--val-samples", 16, "--lr", "2e-3", "--trunc", "0.5", "--outdir", out) == 0
@@ -2723,7 +2724,7 @@ def test_distilling_the_golden_teacher_lowers_the_loss_and_raises_psnr(ckpt_dir,
     assert [r["step"] for r in logs] == [8, 16, 24, 32, 40]
     first, last = logs[0], logs[-1]
     assert last["l1"] + last["l2"] < 0.8 * (first["l1"] + first["l2"])
-    assert last["val_distill"] < first["val_distill"] and last["psnr_db"] > first["psnr_db"] + 0.5
+    assert last["val_distill"] < 0.8 * first["val_distill"]
     assert {"l1", "l2", "gan", "d", "lr", "img_per_s", "images"} <= set(last)
     assert sorted(os.listdir(out)) == ["best.pt", "grids", "last.pt", "log.jsonl"]
     grid = Image.open(out / "grids" / "0000040.png")
@@ -2975,6 +2976,10 @@ def test_teacher_training_runs_saves_loads_and_resumes(tmp_path, capsys):
     assert {"gan", "d", "r1", "pl", "swd_x1000", "aug_p"} <= set(logs[0])  # R1 on step 0 of every 16
     G = msgan.load(out / "last.pt")
     assert not G.is_student and G.img_resolution == 16 and torch.isfinite(G(torch.randn(2, 16))).all()
+    # the initial weights are not the run's own random stream: no z of seed 0 is a row of the first mapping layer
+    z = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    unit = functools.partial(torch.nn.functional.normalize, dim=1)
+    assert (unit(z) @ unit(G.mapping.layers[0].weight).T).abs().max() < 0.9
     assert msgan.load(out / "last.pt", part="teacher").img_resolution == 16  # usable as a --teacher
     assert msgan.load(out / "last.pt", part="discriminator").img_resolution == 16
     assert run_train("teacher", "--data", data, "--resume", out / "last.pt", "--steps", 6) == 0
@@ -3067,8 +3072,13 @@ def test_sample_and_onnx_export_of_the_shipped_emoji_student(tmp_path, capsys):
 
 
 def test_train_py_without_a_teacher_distills_the_shipped_emoji_teacher(tmp_path):
+    """40 steps from the shipped teacher: the student's validation PSNR rises by 2 dB (seeds 0-2: +2.1 to +2.3)."""
     out = tmp_path / "run"
-    assert run_train(*QUICK, "--steps", 2, "--outdir", out) == 0
+    assert run_train("--steps", 40, "--batch", 8, "--log-every", 8, "--val-samples", 16, "--lr", "2e-3",
+                     "--outdir", out) == 0
+    logs = log_lines(out)
+    assert logs[-1]["val_distill"] < 0.8 * logs[0]["val_distill"]
+    assert logs[-1]["psnr_db"] > logs[0]["psnr_db"] + 1.5
     teacher, shipped = msgan.load(out / "last.pt", part="teacher"), msgan.load("emoji-teacher")
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), shipped.state_dict().values()))
     assert msgan.load(out / "last.pt").is_student

@@ -43,6 +43,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 SWD_PROJECTIONS = 512     # random directions of the sliced Wasserstein distance (teacher validation)
 SWD_SEED = 0
 VAL_SEED = 123456         # fixed z / noise / reals of the validation set and the sample grids
+INIT_SEED_OFFSET = 1      # initial weights come from --seed + this: a stream apart from the training z, or the
+                          # first z of a run would equal rows of the first mapping layer's initial weights
 GRID_SAMPLES = 16         # images per panel of a grid
 ADA_INTERVAL = 4          # adaptive augmentation (ADA, Karras et al. 2020): steps between updates of p,
 ADA_KIMG = 100            # thousands of images over which p can move by 1,
@@ -604,6 +606,7 @@ def load_teacher(src, device):
 
 def build_state(args, device, log):
     """Networks, optimisers and the task, fresh or from --resume."""
+    torch.manual_seed(args.seed + INIT_SEED_OFFSET)
     resume = msgan.read_checkpoint(args.resume) if args.resume else None
     if args.mode == "distill":
         if resume is not None:
@@ -651,6 +654,7 @@ def build_state(args, device, log):
         task.noise_resolutions = G.synthesis.noise_resolutions
     opt_g = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=args.d_lr, betas=args.betas)
+    torch.manual_seed(args.seed)  # the one stream of training randomness, identical on every rank
     state = dict(G=G, G_ema=G_ema, D=D, task=task, opt_g=opt_g, opt_d=opt_d, step=0, images_seen=0, best=None,
                  aug_p=args.aug_p)
     if resume is not None:
@@ -781,7 +785,6 @@ class Run:
             self.poison = (term, int(at))
         if self.is_main:
             prepare_outdir(args, resuming=bool(args.resume))
-        torch.manual_seed(args.seed)  # the one stream of training randomness, identical on every rank
         state = build_state(args, self.device, self.say)
         self.G, self.G_ema, self.D, self.task = state["G"], state["G_ema"], state["D"], state["task"]
         self.opt_g, self.opt_d = state["opt_g"], state["opt_d"]
