@@ -84,8 +84,9 @@ def seeded_inputs(G, seeds, noise_mode, device):
 
 
 def to_uint8(img):
-    """[B, 3, H, W] in about [-1, 1] -> [B, H, W, 3] uint8 (the NVlabs rounding)."""
-    return (img * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """[B, 3, H, W] in about [-1, 1] -> [B, H, W, 3] uint8 (the NVlabs rounding). Permuted first, so that a
+    channels-last image (the inference path's) is scaled and rounded in place as one contiguous block."""
+    return img.permute(0, 2, 3, 1).mul(127.5).add_(128).clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 
 def save_image(array, path, **kwargs):
