@@ -529,12 +529,8 @@ class Validator:
         gap = torch.ones(3, tiles[0].shape[1], 2, device=tiles[0].device)              # a white line between
         grid = torch.cat([t for tile in tiles for t in (tile, gap)][:-1], dim=2)
         array = (grid * 127.5 + 128).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
-        save_png(Image.fromarray(array), path)
-
-
-def save_png(image, path):
-    with msgan.atomic_file(path) as tmp:
-        image.save(tmp)
+        with msgan.atomic_file(path) as tmp:
+            Image.fromarray(array).save(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
