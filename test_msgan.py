@@ -2714,17 +2714,17 @@ def tiny_teacher(tmp_path_factory):
     return path
 
 
-def test_distilling_the_golden_teacher_lowers_the_loss(ckpt_dir, tmp_path):
-    """A few dozen CPU steps from the public rosinality teacher (64x64, random weights): loss down. (Its noise-like
-    images move PSNR too little in 40 steps to test; the shipped emoji teacher's test below checks PSNR.)"""
+def test_distilling_the_golden_teacher_lowers_the_loss_and_raises_psnr(ckpt_dir, tmp_path):
+    """A few dozen CPU steps from the public rosinality teacher (64x64, random weights): loss down, validation PSNR
+    up (+1.8 to +3.0 dB for seeds 0-2; its noise-like images need the high lr to move PSNR in 40 steps)."""
     out = tmp_path / "run"
     assert run_train("--teacher", ckpt_dir / "rosinality.pt", "--steps", 40, "--batch", 8, "--log-every", 8,
-                     "--val-samples", 16, "--lr", "2e-3", "--trunc", "0.5", "--outdir", out) == 0
+                     "--val-samples", 16, "--lr", "5e-3", "--trunc", "0.5", "--outdir", out) == 0
     logs = log_lines(out)
     assert [r["step"] for r in logs] == [8, 16, 24, 32, 40]
     first, last = logs[0], logs[-1]
     assert last["l1"] + last["l2"] < 0.8 * (first["l1"] + first["l2"])
-    assert last["val_distill"] < 0.8 * first["val_distill"]
+    assert last["val_distill"] < 0.8 * first["val_distill"] and last["psnr_db"] > first["psnr_db"] + 1.0
     assert {"l1", "l2", "gan", "d", "lr", "img_per_s", "images"} <= set(last)
     assert sorted(os.listdir(out)) == ["best.pt", "grids", "last.pt", "log.jsonl"]
     grid = Image.open(out / "grids" / "0000040.png")
