@@ -2835,6 +2835,25 @@ def one_line_error(capsys):
     return err
 
 
+def test_init_starts_the_student_from_another_students_synthesis(tiny_teacher, tmp_path, capsys):
+    """--init: e.g. follow a teacher trained further without distilling from scratch."""
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--outdir", tmp_path / "a") == 0
+    # with lr 0 nothing moves, so the new run's EMA student is the --init student
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--lr", 0, "--init", tmp_path / "a" / "last.pt",
+                     "--outdir", tmp_path / "b") == 0
+    given, started = msgan.load(tmp_path / "a" / "last.pt"), msgan.load(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(v, started.state_dict()[k]) for k, v in given.state_dict().items())
+    fresh = train.student_for(msgan.load(tiny_teacher))
+    assert not torch.equal(fresh.synthesis.conv1.conv.weight, started.synthesis.conv1.conv.weight)
+
+    for init, message in ((tiny_teacher, "a StyleGAN2 teacher, not a MobileStyleGAN student"),
+                          ("emoji", "not the student of this teacher's geometry"),
+                          (tmp_path / "missing.pt", "missing.pt")):
+        assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--init", init,
+                         "--outdir", tmp_path / "c") == 1
+        assert message in one_line_error(capsys)
+
+
 def test_bad_teachers_are_one_line_errors(tmp_path, capsys, tiny_teacher, ckpt_dir):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -124,6 +124,8 @@ def build_parser(mode):
             prog="train.py", description="Distil a StyleGAN2 teacher into a MobileStyleGAN student. "
             "(`python train.py teacher --help`: train a StyleGAN2 teacher on an image folder.)")
         parser.add_argument("--teacher", help=f"StyleGAN2 checkpoint or pretrained name (default {DEFAULT_TEACHER})")
+        parser.add_argument("--init", metavar="STUDENT", help="start from this student's synthesis weights (same "
+                            "geometry), e.g. one distilled from an earlier snapshot of the teacher")
         parser.add_argument("--vgg", help="VGG16 weight file for the perceptual loss (default: the torch hub cache)")
         parser.add_argument("--l1", type=nonnegative_float, default=1.0, help="weight of the pixel+wavelet L1 loss")
         parser.add_argument("--l2", type=nonnegative_float, default=1.0, help="weight of the pixel+wavelet L2 loss")
@@ -288,6 +290,27 @@ def student_for(teacher):
     for i in range(len(student.synthesis.noise_resolutions)):  # "const" noise: the teacher's (a prefix of it)
         getattr(student.synthesis.noise_const, str(i)).copy_(getattr(teacher.synthesis.noise_const, str(i)))
     student.mapping.requires_grad_(False)
+    return student
+
+
+def init_student(student, src):
+    """Copy the synthesis network of the student in `src` (parameters and style_inv buffers) into `student`; the
+    mapping and the const noise stay the teacher's."""
+    try:
+        init = msgan.load(src)
+    except (msgan.CheckpointError, msgan.DownloadError) as e:
+        raise TrainError(f"--init: {e}") from None
+    if not init.is_student:
+        raise TrainError(f"--init {src}: a StyleGAN2 teacher, not a MobileStyleGAN student")
+    own = {k: v for k, v in student.synthesis.state_dict().items() if not k.startswith("noise_const.")}
+    given = init.synthesis.state_dict()
+    for key, value in own.items():
+        if key not in given:  # a folded (inference-only) student, for one, has no style_inv
+            raise TrainError(f"--init {src}: not a trainable student of this teacher's geometry (no {key})")
+        if given[key].shape != value.shape:
+            raise TrainError(f"--init {src}: not the student of this teacher's geometry ({key} is "
+                             f"{tuple(given[key].shape)}, this teacher's student has {tuple(value.shape)})")
+    student.synthesis.load_state_dict({k: given[k] for k in own}, strict=False)
     return student
 
 
@@ -617,6 +640,8 @@ def build_state(args, device, log):
                 log(f"warning: perceptual loss off: VGG16 weights unavailable ({e})")
         task = Distillation(teacher, vgg, args)
         G = student_for(teacher) if resume is None else None
+        if G is not None and args.init:
+            G = init_student(G, args.init)
         d_channels = args.d_channels or teacher.synthesis.channels[::-1]
         resolution = teacher.img_resolution
     else:
