@@ -1810,9 +1810,13 @@ def atomic_save(obj, path):
         torch.save(obj, tmp)
 
 
+_UMASK_LOCK = threading.Lock()  # atomic_file runs in sample.py's writer threads; the umask is per process
+
+
 def _current_umask():
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
+    with _UMASK_LOCK:
+        mask = os.umask(0)  # the only way to read it is to set it (and put it back)
+        os.umask(mask)
     return mask
 
 

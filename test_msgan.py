@@ -25,6 +25,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 import urllib.error
@@ -2582,6 +2583,26 @@ def test_atomic_files_get_the_mode_a_plain_open_would_give(umask, tmp_path):
         os.umask(previous)
     for name in ("a.png", "b.pt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_atomic_files_written_from_many_threads_keep_the_umask():
+    """sample.py writes PNGs from a thread pool: reading the umask (set it, put it back) must not race, or a file
+    comes out world-writable and the process can be left with umask 0."""
+    previous, interval = os.umask(0o022), sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: without the lock this races within ms
+    try:
+        seen = set()
+        def read_often():
+            seen.update(msgan._current_umask() for _ in range(20000))
+        threads = [threading.Thread(target=read_often) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert seen == {0o022} and os.umask(0o022) == 0o022
+    finally:
+        sys.setswitchinterval(interval)
+        os.umask(previous)
 
 
 # ----------------------------------------------------------------------------------------------
