@@ -2856,6 +2856,17 @@ def one_line_error(capsys):
     return err
 
 
+def test_channels_widen_the_student(tiny_teacher, tmp_path, capsys):
+    """--channels: the student's widths, instead of the teacher's table without its last entry."""
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--channels", "32,32", "--outdir", tmp_path) == 0
+    assert msgan.load(tmp_path / "last.pt").synthesis.channels == [32, 32]
+    assert msgan.load(tiny_teacher).synthesis.channels == [32, 16, 16]
+    for channels, message in (("32", "1 widths given, 2 needed for 4..8"), ("30,32", "divisible by 4")):
+        assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--channels", channels,
+                         "--outdir", tmp_path / "bad") == 1
+        assert message in one_line_error(capsys)
+
+
 def test_init_starts_the_student_from_another_students_synthesis(tiny_teacher, tmp_path, capsys):
     """--init: e.g. follow a teacher trained further without distilling from scratch."""
     assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--outdir", tmp_path / "a") == 0

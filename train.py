@@ -134,6 +134,8 @@ def build_parser(mode):
         parser.add_argument("--perceptual-size", type=positive_int, default=msgan.PERCEPTUAL_SIZE,
                             help="images are resized to this before VGG16 (official: 256)")
         parser.add_argument("--trunc", type=probability, default=1.0, help="truncation psi of the training w")
+        parser.add_argument("--channels", type=channel_list, help="student widths at 4, 8, ..., R/2 (default: the "
+                            "teacher's without its last entry, as the original)")
         parser.add_argument("--d-channels", type=channel_list, help="discriminator widths at R, R/2, ..., 4 "
                             "(default: the teacher's widths)")
     else:
@@ -275,13 +277,17 @@ def default_teacher_channels(res):
     return [max(32, min(256, 2048 // r)) for r in (4 * 2**i for i in range(int(math.log2(res)) - 1))]
 
 
-def student_for(teacher):
-    """A fresh MobileStyleGAN student of the teacher's geometry, with the teacher's mapping (frozen) and w_avg."""
+def student_for(teacher, channels=None):
+    """A fresh MobileStyleGAN student of the teacher's geometry, with the teacher's mapping (frozen) and w_avg.
+    Its widths are the teacher's without the last entry (the original's rule) unless `channels` are given."""
     if teacher.img_resolution < 16:
         raise TrainError(f"teacher resolution {teacher.img_resolution}: the student needs at least 16x16")
-    channels = teacher.synthesis.channels[:-1]
+    if channels is not None and len(channels) != len(teacher.synthesis.channels) - 1:
+        raise TrainError(f"--channels: {len(channels)} widths given, {len(teacher.synthesis.channels) - 1} needed "
+                         f"for 4..{teacher.img_resolution // 2}")
+    channels = channels or teacher.synthesis.channels[:-1]
     if any(c % 4 for c in channels[:-1]):
-        raise TrainError(f"teacher widths {channels}: the student's IDWT needs widths divisible by 4")
+        raise TrainError(f"student widths {channels}: the student's IDWT needs widths divisible by 4")
     config = dict(arch="mobilestylegan", z_dim=teacher.z_dim, w_dim=teacher.w_dim,
                   mapping_layers=len(teacher.mapping.layers), channels=channels)
     student = msgan.Generator(config)
@@ -639,7 +645,7 @@ def build_state(args, device, log):
             except fid.FIDError as e:
                 log(f"warning: perceptual loss off: VGG16 weights unavailable ({e})")
         task = Distillation(teacher, vgg, args)
-        G = student_for(teacher) if resume is None else None
+        G = student_for(teacher, args.channels) if resume is None else None
         if G is not None and args.init:
             G = init_student(G, args.init)
         d_channels = args.d_channels or teacher.synthesis.channels[::-1]
