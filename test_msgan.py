@@ -3123,7 +3123,7 @@ def test_sample_and_onnx_export_of_the_shipped_emoji_student(tmp_path, capsys):
 
 
 def test_train_py_without_a_teacher_distills_the_shipped_emoji_teacher(tmp_path):
-    """40 steps from the shipped teacher: the student's validation PSNR rises by 2 dB (seeds 0-2: +2.1 to +2.3)."""
+    """40 steps from the shipped teacher: the student's validation PSNR rises by over 1.5 dB (seeds 0-2: +2.1 to +2.3)."""
     out = tmp_path / "run"
     assert run_train("--steps", 40, "--batch", 8, "--log-every", 8, "--val-samples", 16, "--lr", "2e-3",
                      "--outdir", out) == 0
