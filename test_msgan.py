@@ -2867,6 +2867,16 @@ def test_channels_widen_the_student(tiny_teacher, tmp_path, capsys):
         assert message in one_line_error(capsys)
 
 
+def test_distilling_without_the_gan_term_leaves_the_discriminator_untrained(tiny_teacher, tmp_path):
+    """--gan 0: pixel and wavelet losses only; the discriminator phase is skipped, not run for nothing."""
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--gan", 0, "--outdir", tmp_path) == 0
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["train"]["opt_d"]["state"] == {} and ckpt["train"]["opt_g"]["state"] != {}
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all("d" not in line and "r1" not in line and "gan" not in line for line in lines)
+    assert all(math.isfinite(line["l1"]) and math.isfinite(line["l2"]) for line in lines)
+
+
 def test_init_starts_the_student_from_another_students_synthesis(tiny_teacher, tmp_path, capsys):
     """--init: e.g. follow a teacher trained further without distilling from scratch."""
     assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--outdir", tmp_path / "a") == 0

@@ -11,9 +11,9 @@ One loop serves both modes (see `train`). Every step draws all the randomness of
 (z, style mixing, noise, augmentation, data indices), so any split of the batch over ranks and
 gradient-accumulation rounds (--batch-gpu) computes the same thing. A step is a generator phase (the student
 against the frozen teacher, or the teacher against the data, plus the GAN term through a frozen D) and a
-discriminator phase on the same real and fake images, then an EMA update of the generator. Every
---log-every steps: a JSONL line, a sample grid, a validation figure and a checkpoint (last.pt, and best.pt
-when validation improved). The checkpoint's generator is the EMA generator, so msgan.load, sample.py and
+discriminator phase on the same real and fake images (skipped when the GAN weight is 0), then an EMA update of
+the generator. Every --log-every steps: a JSONL line, a sample grid, a validation figure and a checkpoint
+(last.pt, and best.pt when validation improved). The checkpoint's generator is the EMA generator, so msgan.load, sample.py and
 export.py use it as it is; the rest of the file is what --resume needs.
 """
 import argparse
@@ -714,7 +714,7 @@ def generator_phase(run, inputs, step):
         chunk = chunk_of(inputs, lo, hi, run.device)
         with run.sync(run.gen, k), run.autocast():
             fake, real, losses = task.generator_losses(run.gen, chunk, step)
-            if run.weights.get("gan", 0) > 0:
+            if run.weights["gan"] > 0:
                 losses["gan"] = msgan.g_nonsaturating_loss(D(msgan.augment(fake, chunk["aug_g"])))
             check_finite(losses, step, run.poison)
             (sum(run.weights[n] * v for n, v in losses.items()) / len(run.chunks)).backward()
@@ -758,7 +758,8 @@ def training_step(run):
     args = run.args
     inputs = draw_step(run.task, run.G, args.batch, args, run.aug_p)
     pairs = generator_phase(run, inputs, run.step)
-    discriminator_phase(run, pairs, run.step)
+    if run.weights["gan"] > 0:  # without a GAN term (distillation --gan 0) D would be trained for nothing
+        discriminator_phase(run, pairs, run.step)
     run.images_seen += args.batch
     if args.ada_target > 0 and (run.step + 1) % ADA_INTERVAL == 0:
         run.adapt_augmentation()
