@@ -772,6 +772,29 @@ def test_sample_writes_pngs_and_grid_and_is_batch_invariant(ckpt_dir, tmp_path, 
     assert not np.array_equal(png(tmp_path / "a" / "seed0000.png"), png(tmp_path / "a" / "seed0001.png"))
 
 
+def test_sample_renders_one_batch_per_core_with_the_same_images(ckpt_dir, tmp_path, monkeypatch):
+    """Batches rendered at once by worker threads (one per core, each single-threaded) change the speed, not the
+    images, their order in the grid or the PSNR list; the process's thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert sample.worker_split(3, compiled=False) == (2, 1)
+        assert sample.worker_split(1, compiled=False) == (1, 2) and sample.worker_split(3, compiled=True) == (1, 2)
+        args = ["--model", ckpt_dir / "official.pt", "--compare", ckpt_dir / "rosinality.pt", "--seeds", "0-5",
+                "--batch", 2]
+        assert run_sample(*args, "--outdir", tmp_path / "two") == 0
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(sample, "MAX_WORKERS", 1)
+        assert run_sample(*args, "--outdir", tmp_path / "one") == 0
+    finally:
+        torch.set_num_threads(threads)
+    for seed in range(6):
+        a, b = (png(tmp_path / run / f"seed{seed:04d}.png").astype(int) for run in ("one", "two"))
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
+    a, b = (np.asarray(Image.open(tmp_path / run / "grid.jpg")).astype(int) for run in ("one", "two"))
+    assert np.abs(a - b).mean() < 0.5  # the same tiles in the same places (JPEG noise aside)
+
+
 @pytest.mark.parametrize("height, width", [(1, 1), (5, 7), (64, 33)])
 def test_encode_png_is_a_lossless_png_any_reader_decodes(height, width):
     """sample.py's own PNG encoder (Up filter, Huffman-only deflate): Pillow reads back the exact pixels, and the
@@ -2516,7 +2539,8 @@ def test_cli_unusable_outdir_is_one_line_exit_1_and_no_partial_file(script, fail
 def test_cli_ctrl_c_in_the_middle_exits_130_and_leaves_no_partial_file(script, where, tmp_path, capsys, monkeypatch,
                                                                        ckpt_dir, fid_inputs):
     """Ctrl-C (a KeyboardInterrupt) halfway: after the first images, in the first parity check, or while Inception
-    runs. sample.py keeps the complete images it wrote; the others write all or nothing."""
+    runs. sample.py keeps the complete images it wrote (the first, and those of batches already being rendered
+    alongside it) and starts no other; the others write all or nothing."""
     module = {"sample": sample, "export": export, "fid": fid}[script]
     owner, _, name = where.rpartition(".")
 
@@ -2527,10 +2551,14 @@ def test_cli_ctrl_c_in_the_middle_exits_130_and_leaves_no_partial_file(script, w
     code, err = run_script(script, cli_run(script, ckpt_dir, fid_inputs, outdir), capsys)
     assert code == 130
     assert_one_error_line(err, script)
-    written = os.listdir(outdir) if outdir.is_dir() else []
-    assert written == (["seed0000.png"] if script == "sample" else [])
-    if written:
-        Image.open(outdir / written[0]).verify()
+    written = sorted(os.listdir(outdir)) if outdir.is_dir() else []
+    if script == "sample":
+        workers, _ = sample.worker_split(4, compiled=False)
+        assert written == [f"seed{s:04d}.png" for s in range(workers)]
+        for name in written:
+            Image.open(outdir / name).verify()
+    else:
+        assert written == []
 
 
 def test_ctrl_c_stops_sample_py_with_130_and_no_partial_file(ckpt_dir, tmp_path):
