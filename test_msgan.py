@@ -2810,6 +2810,11 @@ def test_resume_may_lower_the_learning_rates_and_lengthen_the_ema(tiny_teacher, 
     assert [g["lr"] for g in state["opt_d"]["param_groups"]] == [2e-4]
     assert (state["args"]["lr"], state["args"]["d_lr"], state["args"]["ema_kimg"]) == (1e-4, 2e-4, 7)
     assert state["args"]["batch"] != 3
+    # a value equal to the default is still given: back to the default lr after a run at another one
+    assert run_train("--resume", tmp_path / "last.pt", "--steps", 6, "--lr", train.DISTILL_DEFAULTS["lr"]) == 0
+    state = train_state(tmp_path / "last.pt")[0]
+    assert [g["lr"] for g in state["opt_g"]["param_groups"]] == [train.DISTILL_DEFAULTS["lr"]]
+    assert [g["lr"] for g in state["opt_d"]["param_groups"]] == [2e-4]
 
 
 DDP_WRAPPER = '''

@@ -197,7 +197,7 @@ def parse_args(argv):
     args = parser.parse_args(argv[1:] if mode == "teacher" else argv)
     args.mode = mode
     if args.resume:
-        explicit = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+        explicit = given_flags(mode, argv[1:] if mode == "teacher" else argv, vars(args))
         saved = read_resume_args(args.resume)
         if saved.get("mode") != mode:
             parser.error(f"--resume {args.resume}: a {saved.get('mode')} run; "
@@ -214,6 +214,15 @@ def parse_args(argv):
         parser.error("the following argument is required: --data")
     args.betas = tuple(args.betas)
     return args, parser
+
+
+def given_flags(mode, argv, dests):
+    """The options on the command line, whatever their value: `--lr 5e-4` on resume counts even where 5e-4 is
+    the default (comparing values with the defaults would drop it and keep the checkpoint's lr)."""
+    unset = object()
+    parser = build_parser(mode)
+    parser.set_defaults(**{k: unset for k in dests})
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
 
 
 def read_resume_args(path):
