@@ -13,8 +13,8 @@ gradient-accumulation rounds (--batch-gpu) computes the same thing. A step is a 
 against the frozen teacher, or the teacher against the data, plus the GAN term through a frozen D) and a
 discriminator phase on the same real and fake images (skipped when the GAN weight is 0), then an EMA update of
 the generator. Every --log-every steps: a JSONL line, a sample grid, a validation figure and a checkpoint
-(last.pt, and best.pt when validation improved). The checkpoint's generator is the EMA generator, so msgan.load, sample.py and
-export.py use it as it is; the rest of the file is what --resume needs.
+(last.pt, and best.pt when validation improved). The checkpoint's generator is the EMA generator, so
+msgan.load, sample.py and export.py use it as it is; the rest of the file is what --resume needs.
 """
 import argparse
 import contextlib
@@ -193,11 +193,12 @@ def build_parser(mode):
 def parse_args(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     mode = "teacher" if argv[:1] == ["teacher"] else "distill"
+    flags = argv[1:] if mode == "teacher" else argv
     parser = build_parser(mode)
-    args = parser.parse_args(argv[1:] if mode == "teacher" else argv)
+    args = parser.parse_args(flags)
     args.mode = mode
     if args.resume:
-        explicit = given_flags(mode, argv[1:] if mode == "teacher" else argv, vars(args))
+        explicit = given_flags(mode, flags, vars(args))
         saved = read_resume_args(args.resume)
         if saved.get("mode") != mode:
             parser.error(f"--resume {args.resume}: a {saved.get('mode')} run; "
