@@ -230,8 +230,10 @@ def write_samples(G, seeds, args, device, teacher=None, progress=None):
             if progress:
                 progress.update(len(psnrs))
     finally:
-        with msgan.interrupts_held():  # a second Ctrl-C must not abandon a file mid-write (each is atomic)
-            pool.shutdown(wait=True, cancel_futures=True)
+        # the batches in flight (one per worker) finish, started or still queued: the same files on every stop;
+        # a second Ctrl-C must not abandon a file mid-write (each is atomic)
+        with msgan.interrupts_held():
+            pool.shutdown(wait=True)
         torch.set_num_threads(previous_threads)
     return tiles, psnrs
 
