@@ -28,9 +28,15 @@ import argparse
 import contextlib
 import copy
 import importlib
+import importlib.util
 import json
+import math
+import multiprocessing
 import os
+import platform
+import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -41,7 +47,9 @@ import onnx
 import torch
 import torch.nn as nn
 
+import formats
 import msgan
+import ops
 
 FORMATS = ("onnx", "torchscript", "openvino", "coreml")
 DEFAULT_OPSET = 17        # well supported by onnxruntime and OpenVINO, and by the TorchScript-based exporter
@@ -53,6 +61,11 @@ TRACE_BATCH = 2           # trace at a batch other than 1, so that no size-1 bro
 CHECK_SEED = 0
 MAX_BATCH = 1024          # --batch of the check: larger is a typo, and would only run out of memory
 MB = 1 << 20
+BENCH_RESOLUTIONS = (256, 1024)
+BENCH_ROUNDS = 5         # batch-1 rounds (half as many at the throughput batch)
+BENCH_BATCH = 8          # batch of the img/s column
+BENCH_SETTLE_S = 0.3     # idle time before each timed call: the last worker's OpenMP / onnxruntime threads spin
+                         # for a while after their work and would otherwise slow the next worker down
 
 
 class ExportError(Exception):
@@ -224,7 +237,7 @@ def staging(outdir):
         raise OSError(f"cannot write to the output directory {outdir}: {e.strerror or e}") from None
     try:
         yield tmp
-        with msgan.interrupts_held():  # a Ctrl-C here would leave a removed .mlpackage not yet replaced
+        with formats.interrupts_held():  # a Ctrl-C here would leave a removed .mlpackage not yet replaced
             for name in sorted(os.listdir(tmp)):
                 dest = os.path.join(outdir, name)
                 if os.path.isdir(dest):  # os.replace cannot overwrite a non-empty folder (an older .mlpackage)
@@ -316,6 +329,176 @@ def export(args):
     print("wrote " + ", ".join(written))
 
 
+# ----------------------------------------------------------------------------------------------
+# Benchmark (`python sample.py --bench`): msgan's paths against the exported model in its runtimes; every (model, path) runs in its own worker process, so that each one's peak RSS is its
+# own; the workers take turns, one forward each per round, so that drift on a shared machine hits all alike.
+
+
+def bench_config(kind, res):
+    """Geometry of the benchmarked networks (random weights: the speed does not depend on them)."""
+    if kind == "teacher":  # rosinality's StyleGAN2 (channel multiplier 2), as the official teacher
+        return dict(arch="stylegan2", z_dim=512, w_dim=512, mapping_layers=8, channels=msgan.default_channels(res))
+    channels = formats.FFHQ_CONFIG["channels"][:int(math.log2(res)) - 2]  # the FFHQ student, cut at res
+    return dict(arch="mobilestylegan", z_dim=512, w_dim=512, mapping_layers=8, channels=channels)
+
+
+def bench_generator(kind, res):
+    torch.manual_seed(0)
+    return msgan.Generator(bench_config(kind, res)).requires_grad_(False)
+
+
+def bench_runner(kind, res, path, device, onnx_path):
+    """A function ws -> images for one (model, path), built inside its worker."""
+    if path == "openvino":  # the official FFHQ-1024 IR from the random-face wheel; one w in, like msgan's
+        import openvino as ov
+        files = formats.random_face_ir(os.path.join(formats.WEIGHTS_DIR, "cache", formats.RANDOM_FACE_WHEEL))
+        model = ov.Core().read_model(model=files["SynthesisNetwork.xml"],
+                                     weights=ov.Tensor(np.frombuffer(files["SynthesisNetwork.bin"], np.uint8)))
+        compiled = {}
+
+        def run_openvino(w):  # the IR has a static batch: one compiled model per batch size
+            if len(w) not in compiled:
+                model.reshape({model.inputs[0].get_any_name(): [len(w), w.shape[1]]})
+                config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+                compiled[len(w)] = ov.Core().compile_model(model, "CPU", config)
+            return compiled[len(w)](w.numpy())[0]
+        return run_openvino
+    if path == "onnxruntime":
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        return lambda w: session.run(None, {"w": w.numpy()})[0]
+    G = bench_generator(kind, res).to(device)
+    if path == "reference":
+        return G.synthesis.forward_reference if G.is_student else G.synthesis
+    synthesis = G.fold().synthesis  # "inference" and "compiled"
+    return synthesis if path == "inference" else torch.compile(synthesis)
+
+
+def bench_worker(conn, kind, res, path, device, onnx_path):
+    """Serve ("run", batch) -> seconds, ("rss",) -> peak RSS in bytes, None -> exit."""
+    try:
+        device = torch.device(device)
+        run = bench_runner(kind, res, path, device, onnx_path)
+        ws = {b: torch.randn(b, 512, generator=torch.Generator().manual_seed(b)).to(device) for b in (1, BENCH_BATCH)}
+        with torch.no_grad():
+            run(ws[1])  # warm-up (and, for "compiled", the compilation)
+            conn.send("ready")
+            while (request := conn.recv()) is not None:
+                if request[0] == "rss":
+                    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+                    continue
+                start = time.perf_counter()
+                run(ws[request[1]])
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                conn.send(time.perf_counter() - start)
+    except Exception as e:  # reported by the parent as this path's result
+        conn.send(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+
+
+def bench_paths(resolutions, device, compile):
+    """(kind, res, path) of every benchmarked combination available here."""
+    available = {name: importlib.util.find_spec(name) is not None for name in ("onnxruntime", "openvino")}
+    paths = []
+    for res in resolutions:
+        paths.append(("teacher", res, "reference"))
+        student = ["reference", "inference"] + (["compiled"] if compile else [])
+        if available["onnxruntime"] and device == "cpu":
+            student.append("onnxruntime")
+        paths += [("student", res, path) for path in student]
+    wheel = os.path.join(formats.WEIGHTS_DIR, "cache", formats.RANDOM_FACE_WHEEL)
+    if 1024 in resolutions and available["openvino"] and device == "cpu" and os.path.isfile(wheel):
+        paths.append(("official", 1024, "openvino"))
+    return paths
+
+
+def bench(resolutions=BENCH_RESOLUTIONS, rounds=BENCH_ROUNDS, device="cpu", compile=False):
+    """Rows {model, res, path, ms (median, batch 1), img_s (batch BENCH_BATCH), rss (bytes), error}."""
+    rows = [dict(model=kind, res=res, path=path) for kind, res, path in bench_paths(resolutions, device, compile)]
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        workers = []
+        for row in rows:  # started one at a time: no path is built while another is timed
+            onnx_path = os.path.join(tmp, f"{row['model']}{row['res']}.onnx")
+            if row["path"] == "onnxruntime":
+                bench_export_onnx(bench_generator(row["model"], row["res"]), onnx_path)
+            conn, child = context.Pipe()
+            process = context.Process(target=bench_worker, daemon=True,
+                                      args=(child, row["model"], row["res"], row["path"], device, onnx_path))
+            process.start()
+            reply = conn.recv()
+            if reply != "ready":
+                row["error"] = reply
+            workers.append((row, conn, process))
+        live = [(row, conn) for row, conn, _ in workers if "error" not in row]
+
+        def ask(row, conn, request):
+            """The worker's answer, or None after recording its error (it has exited)."""
+            if "error" not in row:
+                time.sleep(BENCH_SETTLE_S if request[0] == "run" else 0)
+                conn.send(request)
+                reply = conn.recv()
+                if not isinstance(reply, str):
+                    return reply
+                row["error"] = reply
+            return None
+
+        def median_seconds(batch, count):
+            times = {id(row): [] for row, _ in live}
+            for _ in range(count):
+                for row, conn in live:
+                    times[id(row)].append(ask(row, conn, ("run", batch)))
+            return {key: statistics.median(values) if None not in values else None for key, values in times.items()}
+        seconds = median_seconds(1, rounds)
+        for row, conn in live:
+            row.update(ms=seconds[id(row)] and 1000 * seconds[id(row)], rss=ask(row, conn, ("rss",)))
+        median_seconds(BENCH_BATCH, 1)  # warm-up at the larger batch
+        seconds = median_seconds(BENCH_BATCH, max(1, rounds // 2))
+        for row, _ in live:
+            row["img_s"] = seconds[id(row)] and BENCH_BATCH / seconds[id(row)]
+        for row, conn, process in workers:
+            if "error" not in row:
+                conn.send(None)
+            process.join()
+    return rows
+
+
+def bench_export_onnx(G, path):
+    """msgan's own synthesis.onnx of G (the file `export.py onnx` writes), for the onnxruntime path."""
+    G.fold()
+    with torch.no_grad():
+        export_onnx(SynthesisGraph(G), {"w": torch.randn(1, G.w_dim)}, "img", path, DEFAULT_OPSET, {})
+
+
+def bench_table(rows, threads):
+    """The benchmark as a Markdown table, plus the ratios that matter."""
+    lines = [f"| model | res | path | ms/image (batch 1) | img/s (batch {BENCH_BATCH}) | peak RSS (GB) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['res']} | {row['path']} | failed: {row['error']} | | |")
+            continue
+        lines.append(f"| {row['model']} | {row['res']} | {row['path']} | {row['ms']:.0f} | {row['img_s']:.2f} "
+                     f"| {row['rss'] / 2**30:.2f} |")
+    ms = {(row["model"], row["res"], row["path"]): row["ms"] for row in rows if "error" not in row}
+    for res in sorted({row["res"] for row in rows}):
+        student = {path: value for (model, r, path), value in ms.items() if model == "student" and r == res}
+        best = min(student, key=student.get, default=None)
+        teacher, official = ms.get(("teacher", res, "reference")), ms.get(("official", res, "openvino"))
+        if best and teacher:
+            lines.append(f"\n{res}px: teacher / student ({best}) = {teacher / student[best]:.1f}x")
+        if best and official:
+            lines.append(f"{res}px: msgan {best} / official OpenVINO = {student[best] / official:.2f}")
+        if "inference" in student and "reference" in student:
+            lines.append(f"{res}px: inference path / reference path = "
+                         f"{student['inference'] / student['reference']:.2f}")
+    machine = platform.processor() or platform.machine()
+    lines.append(f"({threads} threads, {machine}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')})")
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Export an msgan generator (mapping + synthesis) and check the result.")
     p.add_argument("format", choices=FORMATS, help="onnx, torchscript, openvino (via ONNX) or coreml")
@@ -338,7 +521,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    msgan.use_huge_pages()
+    ops.use_huge_pages()
     try:
         export(args)
     except (ExportError, ValueError, OSError, msgan.DownloadError) as e:  # msgan.CheckpointError is a ValueError

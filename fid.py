@@ -40,7 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import formats
 import msgan
+import ops
+from sample import finite_float, int_in  # the argparse value types of every script
 
 # Published weight files. The sha256 values are the full digests of these files; torch hub
 # names files after the first 8 hex digits, which we check in full instead.
@@ -63,8 +66,8 @@ VGG16_TAPS = {3: "relu1_2", 8: "relu2_2", 15: "relu3_3", 22: "relu4_3"}
 KID_SUBSETS = 100  # torch-fidelity's defaults
 KID_SUBSET_SIZE = 1000
 KID_SEED = 2020
-PSNR_PEAK = 2.0    # images span [-1, 1]
-PSNR_MIN_MSE = 1e-10  # identical images: a finite ceiling of 106 dB
+SWD_PROJECTIONS = 512  # random directions of the sliced Wasserstein distance
+SWD_SEED = 0
 MIN_SAMPLES_UNBIASED = 2048  # below this the 2048x2048 covariance is rank-deficient
 # Command-line limits: past them a count is a typo, and would exhaust memory or time before giving a result.
 MAX_SAMPLES = 1_000_000  # -n: their 2048-dim float64 features alone take 16 GB; FID is quoted at 50k
@@ -467,10 +470,10 @@ def statistics(feats):
 
 
 def save_stats(path, mu, sigma):
-    """Write mu and sigma (pytorch-fid's key names) atomically (msgan.atomic_file): a full disk or an interrupt
+    """Write mu and sigma (pytorch-fid's key names) atomically (formats.atomic_file): a full disk or an interrupt
     never leaves a half-written `path`."""
     try:
-        with msgan.atomic_file(path) as tmp, open(tmp, "wb") as f:
+        with formats.atomic_file(path) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, mu=mu, sigma=sigma)
     except OSError as e:
         raise FIDError(e.strerror or str(e)) from None
@@ -522,6 +525,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+def sliced_wasserstein(a, b, projections=SWD_PROJECTIONS, seed=SWD_SEED):
+    """Mean over random unit directions of the 1-D Wasserstein-1 distance between two sets of vectors
+    [N, D] (equal N). A cheap, network-free distance between image distributions (train.py's validation of a teacher)."""
+    g = torch.Generator().manual_seed(seed)
+    directions = F.normalize(torch.randn(a.shape[1], projections, generator=g), dim=0).to(a)  # [D, P]
+    pa, pb = (a @ directions).sort(0).values, (b @ directions).sort(0).values                # [N, P]
+    return (pa - pb).abs().mean().item()
+
+
 def mmd2_unbiased(x, y):
     """Unbiased MMD^2 with the cubic polynomial kernel k(a, b) = (a.b / dims + 1)^3.
 
@@ -561,36 +573,6 @@ def kid(feats1, feats2, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=K
 
 # -----------------------------------------------------------------------------
 # command line
-
-def int_in(lo, hi):
-    """argparse type: an integer in lo..hi (anything else is a usage error, exit 2)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {value}")
-        return value
-    return parse
-
-
-@torch.no_grad()
-def psnr(img, target):
-    """Per-sample PSNR in dB of images in [-1, 1] (peak-to-peak 2), both clamped to that range: [B]."""
-    mse = (img.clamp(-1, 1) - target.clamp(-1, 1)).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(PSNR_PEAK**2 / mse.clamp(min=PSNR_MIN_MSE))
-
-
-def finite_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="fid.py", description="FID (and KID) between image folders, "
@@ -653,7 +635,7 @@ def image_stats(net, image_source, args):
 
 def main(argv=None):
     args, sources = parse_args(argv)
-    msgan.use_huge_pages()
+    ops.use_huge_pages()
     # cuDNN's TF32 convolutions would move the features by far more than float32 round-off
     torch.backends.cudnn.allow_tf32 = False
     try:

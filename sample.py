@@ -13,42 +13,27 @@ value may rarely differ by one: BLAS sums a batch of one, or on another number o
 import argparse
 import collections
 import concurrent.futures
-import importlib.util
 import math
-import multiprocessing
 import os
-import pathlib
-import platform
-import resource
 import statistics
-import struct
 import sys
-import tempfile
 import time
-import zlib
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import formats
 import msgan
-import fid
-from fid import finite_float, int_in  # argparse types shared by the scripts
+import ops
 
 GRID_TILE = 256          # grid tiles are downscaled to at most this many pixels
-PNG_ZLIB_STRATEGY = zlib.Z_HUFFMAN_ONLY  # sample PNGs: entropy coding of the filtered rows, no match search
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_FILTER_UP = 2        # PNG row filter: each byte minus the byte above it
 GRID_MAX_IMAGES = 256    # grid.jpg shows the first 256 images (16 x 16 tiles)
 MAX_WORKERS = 4          # batches rendered at once: one per core up to this many (more cores go to each)
 GIF_SIZE = 256           # GIF frames, pixels
 GIF_FRAME_MS = 40        # 25 frames per second
-BENCH_RESOLUTIONS = (256, 1024)
-BENCH_ROUNDS = 5         # batch-1 rounds (half as many at the throughput batch)
-BENCH_BATCH = 8          # batch of the img/s column
-BENCH_SETTLE_S = 0.3     # idle time before each timed call: the last worker's OpenMP / onnxruntime threads spin
-                         # for a while after their work and would otherwise slow the next worker down
+PSNR_PEAK = 2.0          # images span [-1, 1]
+PSNR_MIN_MSE = 1e-10     # identical images: a finite ceiling of 106 dB
 # Command-line limits: past them a count is a typo, and would exhaust memory, disk or time before giving a result.
 MAX_IMAGES = 1_000_000   # -n / --seeds: a million 1024x1024 PNGs fill about 1.5 TB
 MAX_BATCH = 1024         # a larger batch is no faster, only closer to running out of memory
@@ -56,22 +41,8 @@ MAX_GIF_FRAMES = 3000    # all frames of --interpolate (2 minutes at 25 fps, ~60
 SEED_LIMIT = 2**64       # torch.Generator seeds are unsigned 64-bit integers
 
 
-def parse_seeds(text):
-    """'0-63' -> [0..63]; '1,5,9' -> [1, 5, 9]; combinations such as '0-3,10'."""
-    ranges = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
-            raise argparse.ArgumentTypeError(f"bad seed list {text!r} (expected e.g. 0-63 or 1,5,9)")
-        ranges.append(range(int(lo), int(hi or lo) + 1))
-    if any(r.stop > SEED_LIMIT for r in ranges):
-        raise argparse.ArgumentTypeError(f"seed list {text!r}: seeds must be below 2**64")
-    count = sum(len(r) for r in ranges)  # counted before the list is made: '0-99999999999' is a typo
-    if count > MAX_IMAGES:
-        raise argparse.ArgumentTypeError(f"seed list {text!r} has {count} seeds, more than {MAX_IMAGES}")
-    if count == 0:
-        raise argparse.ArgumentTypeError(f"seed list {text!r} is empty")
-    return [seed for r in ranges for seed in r]
+# ----------------------------------------------------------------------------------------------
+# Generating images
 
 
 def seeded_inputs(G, seeds, noise_mode, device):
@@ -91,81 +62,11 @@ def to_uint8(img):
     return img.permute(0, 2, 3, 1).mul(127.5).add_(128).clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 
-def save_image(array, path, **kwargs):
-    """Write an [H, W, 3] uint8 array or a PIL image atomically (msgan.atomic_file)."""
-    image = array if isinstance(array, Image.Image) else Image.fromarray(array)
-    with msgan.atomic_file(path) as tmp:
-        image.save(tmp, **kwargs)
-
-
-def encode_png(array):
-    """[H, W, 3] uint8 -> the bytes of an 8-bit RGB PNG, made with numpy and zlib (which releases the GIL).
-
-    Every row gets the 'Up' filter, in one numpy subtraction, and zlib only Huffman-codes the result. For
-    1024x1024 faces that takes 18 ms against 64 ms for Pillow at its fastest level (which tries every filter on
-    every row and searches for matches), and the files come out 2% smaller (1.50 vs 1.53 MB).
-    """
-    height, width, _ = array.shape
-    flat = array.reshape(height, width * 3)
-    rows = np.empty((height, 1 + width * 3), np.uint8)  # [filter byte | filtered row], as PNG stores them
-    rows[:, 0] = PNG_FILTER_UP
-    rows[0, 1:] = flat[0]                                # the row above the first is zeros
-    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])   # uint8 arithmetic wraps modulo 256, as PNG's does
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolour, deflate, no interlace
-    deflate = zlib.compressobj(strategy=PNG_ZLIB_STRATEGY)
-    pixels = deflate.compress(rows) + deflate.flush()
-    return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-
-
-def save_png(array, path):
-    """Write an [H, W, 3] uint8 array as a PNG, atomically (msgan.atomic_file)."""
-    data = encode_png(array)
-    with msgan.atomic_file(path) as tmp:
-        pathlib.Path(tmp).write_bytes(data)
-
-
-def grid_tile(array):
-    """[H, W, 3] uint8 -> a PIL tile of at most GRID_TILE pixels a side (what the grid keeps in memory): a box
-    filter for whole factors (1 ms for 1024 -> 256 against 8 ms for Lanczos), else Lanczos."""
-    image, size = Image.fromarray(array), array.shape[0]
-    if size <= GRID_TILE:
-        return image
-    if size % GRID_TILE == 0:
-        return image.reduce(size // GRID_TILE)
-    return image.resize((GRID_TILE, GRID_TILE), Image.LANCZOS)
-
-
-def make_grid(tiles):
-    """List of equal PIL tiles -> one grid image with ceil(sqrt(n)) columns."""
-    cols = math.ceil(math.sqrt(len(tiles)))
-    rows = math.ceil(len(tiles) / cols)
-    tile = tiles[0].width
-    grid = Image.new("RGB", (cols * tile, rows * tile))
-    for i, image in enumerate(tiles):
-        grid.paste(image, ((i % cols) * tile, (i // cols) * tile))
-    return grid
-
-
-def newline(progress):
-    """What an error message needs in front of it: a newline if a progress line is still open."""
-    return "\n" if progress is not None and progress.open else ""
-
-
-class Progress:
-    """One stderr line, rewritten in place; `open` while it still needs its newline."""
-
-    def __init__(self, total, what):
-        self.total, self.what, self.start, self.open = total, what, time.time(), False
-
-    def update(self, done):
-        rate = (time.time() - self.start) / max(done, 1)
-        self.open = done < self.total
-        print(f"\r{self.what} {done}/{self.total}  {rate:.2f} s/image  ETA {rate * (self.total - done):.0f} s",
-              end="" if self.open else "\n", file=sys.stderr, flush=True)
+@torch.no_grad()
+def psnr(img, target):
+    """Per-sample PSNR in dB of images in [-1, 1] (peak-to-peak 2), both clamped to that range: [B]."""
+    mse = (img.clamp(-1, 1) - target.clamp(-1, 1)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(PSNR_PEAK**2 / mse.clamp(min=PSNR_MIN_MSE))
 
 
 @torch.no_grad()
@@ -182,7 +83,7 @@ def render(G, seeds, psi, noise_mode, device, teacher=None):
     ref = teacher.synthesis(teacher.truncate(teacher.mapping(z), psi), noise=noise, noise_mode=noise_mode)
     if img.shape[-1] != ref.shape[-1]:
         img = F.interpolate(img, size=ref.shape[-2:], mode="bilinear", align_corners=False)
-    return to_uint8(torch.cat([ref, img], dim=3)), fid.psnr(img, ref).tolist()
+    return to_uint8(torch.cat([ref, img], dim=3)), psnr(img, ref).tolist()
 
 
 def worker_split(batches, compiled):
@@ -210,7 +111,7 @@ def write_samples(G, seeds, args, device, teacher=None, progress=None):
     def job(index):
         arrays, psnrs = render(G, batches[index], args.trunc, args.noise_mode, device, teacher)
         for seed, array in zip(batches[index], arrays):
-            save_png(array, os.path.join(args.outdir, f"seed{seed:04d}.png"))
+            formats.save_png(array, os.path.join(args.outdir, f"seed{seed:04d}.png"))
         first = index * args.batch
         return [grid_tile(array) for array in arrays[:max(GRID_MAX_IMAGES - first, 0)]], psnrs
 
@@ -232,10 +133,38 @@ def write_samples(G, seeds, args, device, teacher=None, progress=None):
     finally:
         # the batches in flight (one per worker) finish, started or still queued: the same files on every stop;
         # a second Ctrl-C must not abandon a file mid-write (each is atomic)
-        with msgan.interrupts_held():
+        with formats.interrupts_held():
             pool.shutdown(wait=True)
         torch.set_num_threads(previous_threads)
     return tiles, psnrs
+
+
+def grid_tile(array):
+    """[H, W, 3] uint8 -> a PIL tile of at most GRID_TILE pixels a side (what the grid keeps in memory): a box
+    filter for whole factors (1 ms for 1024 -> 256 against 8 ms for Lanczos), else Lanczos."""
+    image, size = Image.fromarray(array), array.shape[0]
+    if size <= GRID_TILE:
+        return image
+    if size % GRID_TILE == 0:
+        return image.reduce(size // GRID_TILE)
+    return image.resize((GRID_TILE, GRID_TILE), Image.LANCZOS)
+
+
+def make_grid(tiles):
+    """List of equal PIL tiles -> one grid image with ceil(sqrt(n)) columns."""
+    cols = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    tile = tiles[0].width
+    grid = Image.new("RGB", (cols * tile, rows * tile))
+    for i, image in enumerate(tiles):
+        grid.paste(image, ((i % cols) * tile, (i // cols) * tile))
+    return grid
+
+
+def save_image(image, path, **kwargs):
+    """Write a PIL image atomically (formats.atomic_file)."""
+    with formats.atomic_file(path) as tmp:
+        image.save(tmp, **kwargs)
 
 
 @torch.no_grad()
@@ -254,175 +183,67 @@ def interpolate_gif(G, seeds, psi, frames, device, path, progress):
 
 
 # ----------------------------------------------------------------------------------------------
-# Benchmark (--bench): every (model, path) runs in its own worker process, so that each one's peak RSS is its
-# own; the workers take turns, one forward each per round, so that drift on a shared machine hits all alike.
+# Command line (train.py, fid.py and demo.py take their argparse value types from here)
 
 
-def bench_config(kind, res):
-    """Geometry of the benchmarked networks (random weights: the speed does not depend on them)."""
-    if kind == "teacher":  # rosinality's StyleGAN2 (channel multiplier 2), as the official teacher
-        return dict(arch="stylegan2", z_dim=512, w_dim=512, mapping_layers=8, channels=msgan.default_channels(res))
-    channels = msgan.FFHQ_CONFIG["channels"][:int(math.log2(res)) - 2]  # the FFHQ student, cut at res
-    return dict(arch="mobilestylegan", z_dim=512, w_dim=512, mapping_layers=8, channels=channels)
+def int_in(lo, hi):
+    """argparse type: an integer in lo..hi (anything else is a usage error, exit 2)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {value}")
+        return value
+    return parse
 
 
-def bench_generator(kind, res):
-    torch.manual_seed(0)
-    return msgan.Generator(bench_config(kind, res)).requires_grad_(False)
-
-
-def bench_runner(kind, res, path, device, onnx_path):
-    """A function ws -> images for one (model, path), built inside its worker."""
-    if path == "openvino":  # the official FFHQ-1024 IR from the random-face wheel; one w in, like msgan's
-        import openvino as ov
-        files = msgan.random_face_ir(os.path.join(msgan.WEIGHTS_DIR, "cache", msgan.RANDOM_FACE_WHEEL))
-        model = ov.Core().read_model(model=files["SynthesisNetwork.xml"],
-                                     weights=ov.Tensor(np.frombuffer(files["SynthesisNetwork.bin"], np.uint8)))
-        compiled = {}
-
-        def run_openvino(w):  # the IR has a static batch: one compiled model per batch size
-            if len(w) not in compiled:
-                model.reshape({model.inputs[0].get_any_name(): [len(w), w.shape[1]]})
-                config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-                compiled[len(w)] = ov.Core().compile_model(model, "CPU", config)
-            return compiled[len(w)](w.numpy())[0]
-        return run_openvino
-    if path == "onnxruntime":
-        import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-        return lambda w: session.run(None, {"w": w.numpy()})[0]
-    G = bench_generator(kind, res).to(device)
-    if path == "reference":
-        return G.synthesis.forward_reference if G.is_student else G.synthesis
-    synthesis = G.fold().synthesis  # "inference" and "compiled"
-    return synthesis if path == "inference" else torch.compile(synthesis)
-
-
-def bench_worker(conn, kind, res, path, device, onnx_path):
-    """Serve ("run", batch) -> seconds, ("rss",) -> peak RSS in bytes, None -> exit."""
+def finite_float(text):
+    """argparse type: a finite number."""
     try:
-        device = torch.device(device)
-        run = bench_runner(kind, res, path, device, onnx_path)
-        ws = {b: torch.randn(b, 512, generator=torch.Generator().manual_seed(b)).to(device) for b in (1, BENCH_BATCH)}
-        with torch.no_grad():
-            run(ws[1])  # warm-up (and, for "compiled", the compilation)
-            conn.send("ready")
-            while (request := conn.recv()) is not None:
-                if request[0] == "rss":
-                    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
-                    continue
-                start = time.perf_counter()
-                run(ws[request[1]])
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                conn.send(time.perf_counter() - start)
-    except Exception as e:  # reported by the parent as this path's result
-        conn.send(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
-def bench_paths(resolutions, device, compile):
-    """(kind, res, path) of every benchmarked combination available here."""
-    available = {name: importlib.util.find_spec(name) is not None for name in ("onnxruntime", "openvino")}
-    paths = []
-    for res in resolutions:
-        paths.append(("teacher", res, "reference"))
-        student = ["reference", "inference"] + (["compiled"] if compile else [])
-        if available["onnxruntime"] and device == "cpu":
-            student.append("onnxruntime")
-        paths += [("student", res, path) for path in student]
-    wheel = os.path.join(msgan.WEIGHTS_DIR, "cache", msgan.RANDOM_FACE_WHEEL)
-    if 1024 in resolutions and available["openvino"] and device == "cpu" and os.path.isfile(wheel):
-        paths.append(("official", 1024, "openvino"))
-    return paths
+def parse_seeds(text):
+    """'0-63' -> [0..63]; '1,5,9' -> [1, 5, 9]; combinations such as '0-3,10'."""
+    ranges = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
+            raise argparse.ArgumentTypeError(f"bad seed list {text!r} (expected e.g. 0-63 or 1,5,9)")
+        ranges.append(range(int(lo), int(hi or lo) + 1))
+    if any(r.stop > SEED_LIMIT for r in ranges):
+        raise argparse.ArgumentTypeError(f"seed list {text!r}: seeds must be below 2**64")
+    count = sum(len(r) for r in ranges)  # counted before the list is made: '0-99999999999' is a typo
+    if count > MAX_IMAGES:
+        raise argparse.ArgumentTypeError(f"seed list {text!r} has {count} seeds, more than {MAX_IMAGES}")
+    if count == 0:
+        raise argparse.ArgumentTypeError(f"seed list {text!r} is empty")
+    return [seed for r in ranges for seed in r]
 
 
-def bench(resolutions=BENCH_RESOLUTIONS, rounds=BENCH_ROUNDS, device="cpu", compile=False):
-    """Rows {model, res, path, ms (median, batch 1), img_s (batch BENCH_BATCH), rss (bytes), error}."""
-    rows = [dict(model=kind, res=res, path=path) for kind, res, path in bench_paths(resolutions, device, compile)]
-    context = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        workers = []
-        for row in rows:  # started one at a time: no path is built while another is timed
-            onnx_path = os.path.join(tmp, f"{row['model']}{row['res']}.onnx")
-            if row["path"] == "onnxruntime":
-                bench_export_onnx(bench_generator(row["model"], row["res"]), onnx_path)
-            conn, child = context.Pipe()
-            process = context.Process(target=bench_worker, daemon=True,
-                                      args=(child, row["model"], row["res"], row["path"], device, onnx_path))
-            process.start()
-            reply = conn.recv()
-            if reply != "ready":
-                row["error"] = reply
-            workers.append((row, conn, process))
-        live = [(row, conn) for row, conn, _ in workers if "error" not in row]
+class Progress:
+    """One stderr line, rewritten in place; `open` while it still needs its newline."""
 
-        def ask(row, conn, request):
-            """The worker's answer, or None after recording its error (it has exited)."""
-            if "error" not in row:
-                time.sleep(BENCH_SETTLE_S if request[0] == "run" else 0)
-                conn.send(request)
-                reply = conn.recv()
-                if not isinstance(reply, str):
-                    return reply
-                row["error"] = reply
-            return None
+    def __init__(self, total, what):
+        self.total, self.what, self.start, self.open = total, what, time.time(), False
 
-        def median_seconds(batch, count):
-            times = {id(row): [] for row, _ in live}
-            for _ in range(count):
-                for row, conn in live:
-                    times[id(row)].append(ask(row, conn, ("run", batch)))
-            return {key: statistics.median(values) if None not in values else None for key, values in times.items()}
-        seconds = median_seconds(1, rounds)
-        for row, conn in live:
-            row.update(ms=seconds[id(row)] and 1000 * seconds[id(row)], rss=ask(row, conn, ("rss",)))
-        median_seconds(BENCH_BATCH, 1)  # warm-up at the larger batch
-        seconds = median_seconds(BENCH_BATCH, max(1, rounds // 2))
-        for row, _ in live:
-            row["img_s"] = seconds[id(row)] and BENCH_BATCH / seconds[id(row)]
-        for row, conn, process in workers:
-            if "error" not in row:
-                conn.send(None)
-            process.join()
-    return rows
+    def update(self, done):
+        rate = (time.time() - self.start) / max(done, 1)
+        self.open = done < self.total
+        print(f"\r{self.what} {done}/{self.total}  {rate:.2f} s/image  ETA {rate * (self.total - done):.0f} s",
+              end="" if self.open else "\n", file=sys.stderr, flush=True)
 
 
-def bench_export_onnx(G, path):
-    """msgan's own synthesis.onnx of G (the file `export.py onnx` writes), for the onnxruntime path."""
-    import export  # only the benchmark needs the exporter
-    G.fold()
-    with torch.no_grad():
-        export.export_onnx(export.SynthesisGraph(G), {"w": torch.randn(1, G.w_dim)}, "img", path,
-                           export.DEFAULT_OPSET, {})
-
-
-def bench_table(rows, threads):
-    """The benchmark as a Markdown table, plus the ratios that matter."""
-    lines = [f"| model | res | path | ms/image (batch 1) | img/s (batch {BENCH_BATCH}) | peak RSS (GB) |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['model']} | {row['res']} | {row['path']} | failed: {row['error']} | | |")
-            continue
-        lines.append(f"| {row['model']} | {row['res']} | {row['path']} | {row['ms']:.0f} | {row['img_s']:.2f} "
-                     f"| {row['rss'] / 2**30:.2f} |")
-    ms = {(row["model"], row["res"], row["path"]): row["ms"] for row in rows if "error" not in row}
-    for res in sorted({row["res"] for row in rows}):
-        student = {path: value for (model, r, path), value in ms.items() if model == "student" and r == res}
-        best = min(student, key=student.get, default=None)
-        teacher, official = ms.get(("teacher", res, "reference")), ms.get(("official", res, "openvino"))
-        if best and teacher:
-            lines.append(f"\n{res}px: teacher / student ({best}) = {teacher / student[best]:.1f}x")
-        if best and official:
-            lines.append(f"{res}px: msgan {best} / official OpenVINO = {student[best] / official:.2f}")
-        if "inference" in student and "reference" in student:
-            lines.append(f"{res}px: inference path / reference path = "
-                         f"{student['inference'] / student['reference']:.2f}")
-    machine = platform.processor() or platform.machine()
-    lines.append(f"({threads} threads, {machine}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')})")
-    return "\n".join(lines)
+def newline(progress):
+    """What an error message needs in front of it: a newline if a progress line is still open."""
+    return "\n" if progress is not None and progress.open else ""
 
 
 def main(argv=None):
@@ -444,9 +265,9 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the synthesis network (falls back to eager with a warning)")
     parser.add_argument("--bench", action="store_true", help="print the speed table of teacher and student "
-                        f"paths at {' and '.join(map(str, BENCH_RESOLUTIONS))} px (random weights) and exit")
+                        "paths at 256 and 1024 px (random weights) and exit")
     args = parser.parse_args(argv)
-    msgan.use_huge_pages()
+    ops.use_huge_pages()
     if args.seeds is not None and args.n is not None:
         parser.error("give either -n or --seeds, not both")
     count = args.n or 8
@@ -462,12 +283,13 @@ def main(argv=None):
     except (RuntimeError, AssertionError) as e:
         parser.error(f"--device {args.device}: {str(e).splitlines()[0]}")
     if args.bench:
-        print(bench_table(bench(device=device.type, compile=args.compile), torch.get_num_threads()))
+        import export  # the benchmark compares msgan's paths with the exported model in its runtimes
+        print(export.bench_table(export.bench(device=device.type, compile=args.compile), torch.get_num_threads()))
         return 0
     progress = None
     try:
         G = msgan.load(args.model, device=device).fold()
-        G.synthesis = msgan.maybe_compile(G.synthesis, args.compile, lambda text: print(text, file=sys.stderr))
+        G.synthesis = ops.maybe_compile(G.synthesis, args.compile, lambda text: print(text, file=sys.stderr))
         teacher = msgan.load(args.compare, device=device, part="teacher") if args.compare else None
         if teacher is not None and teacher.z_dim != G.z_dim:
             raise ValueError(f"--compare: teacher z_dim {teacher.z_dim} != model z_dim {G.z_dim}")

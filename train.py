@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -36,16 +35,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fid
+import formats
 import msgan
+import ops
+from sample import int_in, psnr
 
 DEFAULT_TEACHER = "emoji-teacher"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-SWD_PROJECTIONS = 512     # random directions of the sliced Wasserstein distance (teacher validation)
-SWD_SEED = 0
 VAL_SEED = 123456         # fixed z / noise / reals of the validation set and the sample grids
 INIT_SEED_OFFSET = 1      # initial weights come from --seed + this: a stream apart from the training z, or the
                           # first z of a run would equal rows of the first mapping layer's initial weights
 GRID_SAMPLES = 16         # images per panel of a grid
+GRID_MIN_TILE = 64        # grid images smaller than this are enlarged (nearest neighbour) by a whole factor
 ADA_INTERVAL = 4          # adaptive augmentation (ADA, Karras et al. 2020): steps between updates of p,
 ADA_KIMG = 100            # thousands of images over which p can move by 1,
 ADA_P_MAX = 0.8           # and its ceiling: above ~0.8 augmentations start to leak into the generator
@@ -86,7 +87,6 @@ class NonFiniteLoss(TrainError):
 # Command line
 
 
-int_in = fid.int_in  # argparse types shared by the scripts
 positive_int = int_in(1, MAX_COUNT)
 
 
@@ -186,7 +186,6 @@ def build_parser(mode):
                         help="fixed samples of the validation figures")
     parser.add_argument("--compile", action="store_true", help="torch.compile the generator (falls back to eager)")
     parser.add_argument("--amp", choices=["bf16"], help="bfloat16 autocast (CUDA only)")
-    parser.add_argument("--debug-nan", metavar="TERM@STEP", help=argparse.SUPPRESS)  # test hook: poison a loss
     return parser
 
 
@@ -228,8 +227,8 @@ def given_flags(mode, argv, dests):
 
 def read_resume_args(path):
     try:
-        ckpt = msgan.read_checkpoint(path)
-    except msgan.CheckpointError as e:
+        ckpt = formats.read_checkpoint(path)
+    except formats.CheckpointError as e:
         raise TrainError(f"--resume: {e}") from None
     if not isinstance(ckpt.get("train"), dict) or "args" not in ckpt["train"]:
         raise TrainError(f"--resume: {path} is not a train.py checkpoint (it holds no training state)")
@@ -237,26 +236,7 @@ def read_resume_args(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Images in: a small data set decoded once and kept in memory as uint8
-
-
-def read_training_image(path, res):
-    """One image as uint8 [3, res, res]: any mode, transparency on white, centre-cropped, antialiased resize."""
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits (PIL would clip at 255)
-            array = np.asarray(im, dtype=np.float32) * (255 / 65535)
-            im = Image.fromarray(array.round().clip(0, 255).astype(np.uint8), "L")
-        if im.mode in ("P", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-            im = im.convert("RGBA")
-        if im.mode == "RGBA":
-            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(white, im)
-        im = im.convert("RGB")
-        side = min(im.size)
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((res, res), Image.LANCZOS)
-        return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
+# Teacher training's data: a small image folder decoded once and kept in memory as uint8
 
 
 def load_image_folder(folder, res, log=print):
@@ -270,7 +250,7 @@ def load_image_folder(folder, res, log=print):
     images = []
     for name in names:
         try:
-            images.append(read_training_image(os.path.join(folder, name), res))
+            images.append(formats.read_image(os.path.join(folder, name), res))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             log(f"warning: skipping {os.path.join(folder, name)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if not images:
@@ -285,28 +265,6 @@ def load_image_folder(folder, res, log=print):
 def default_teacher_channels(res):
     """Generator widths at 4, 8, ..., res for CPU-sized teachers: 256 up to 8x8, halving above, >= 32."""
     return [max(32, min(256, 2048 // r)) for r in (4 * 2**i for i in range(int(math.log2(res)) - 1))]
-
-
-def student_for(teacher, channels=None):
-    """A fresh MobileStyleGAN student of the teacher's geometry, with the teacher's mapping (frozen) and w_avg.
-    Its widths are the teacher's without the last entry (the original's rule) unless `channels` are given."""
-    if teacher.img_resolution < 16:
-        raise TrainError(f"teacher resolution {teacher.img_resolution}: the student needs at least 16x16")
-    if channels is not None and len(channels) != len(teacher.synthesis.channels) - 1:
-        raise TrainError(f"--channels: {len(channels)} widths given, {len(teacher.synthesis.channels) - 1} needed "
-                         f"for 4..{teacher.img_resolution // 2}")
-    channels = channels or teacher.synthesis.channels[:-1]
-    if any(c % 4 for c in channels[:-1]):
-        raise TrainError(f"student widths {channels}: the student's IDWT needs widths divisible by 4")
-    config = dict(arch="mobilestylegan", z_dim=teacher.z_dim, w_dim=teacher.w_dim,
-                  mapping_layers=len(teacher.mapping.layers), channels=channels)
-    student = msgan.Generator(config)
-    student.mapping.load_state_dict(teacher.mapping.state_dict())
-    student.w_avg.copy_(teacher.w_avg)
-    for i in range(len(student.synthesis.noise_resolutions)):  # "const" noise: the teacher's (a prefix of it)
-        getattr(student.synthesis.noise_const, str(i)).copy_(getattr(teacher.synthesis.noise_const, str(i)))
-    student.mapping.requires_grad_(False)
-    return student
 
 
 def init_student(student, src):
@@ -352,6 +310,17 @@ class GeneratorPass(nn.Module):
         return G.synthesis(ws, noise=noise), None, ws
 
 
+class DiscriminatorPass(nn.Module):
+    """D's logits [B, 1] on augmented images as a single call (what DistributedDataParallel wraps)."""
+
+    def __init__(self, D):
+        super().__init__()
+        self.D = D
+
+    def forward(self, img, aug_params):
+        return self.D(msgan.augment(img, aug_params))
+
+
 @torch.no_grad()
 def update_ema(ema, model, beta):
     for p_ema, p in zip(ema.parameters(), model.parameters()):
@@ -373,8 +342,8 @@ class Distillation:
     def draw_reals(self, n, generator):
         return None  # the teacher makes them in the generator pass
 
-    def generator_losses(self, gen, inputs, step):
-        img, freq, ws = gen(inputs["z"], inputs["z_mix"], inputs["mix_at"], inputs["noise"], self.psi)
+    def generator_losses(self, g_pass, inputs, step):
+        img, freq, ws = g_pass(inputs["z"], inputs["z_mix"], inputs["mix_at"], inputs["noise"], self.psi)
         with torch.no_grad():
             real = self.teacher.synthesis(ws, noise=inputs["noise"])
         terms = msgan.distillation_loss(freq, real)
@@ -405,9 +374,9 @@ class TeacherTraining:
         x = self.images[draw["index"]].to(self.device).float() / 127.5 - 1       # [B, 3, R, R] in [-1, 1]
         return torch.where(draw["flip"].to(self.device)[:, None, None, None], x.flip(3), x)
 
-    def generator_losses(self, gen, inputs, step):
+    def generator_losses(self, g_pass, inputs, step):
         pl_step = self.args.pl_weight > 0 and step % self.args.pl_every == 0
-        img, _, ws = gen(inputs["z"], inputs["z_mix"], inputs["mix_at"], inputs["noise"])
+        img, _, ws = g_pass(inputs["z"], inputs["z_mix"], inputs["mix_at"], inputs["noise"])
         losses = {}
         if pl_step:  # ||J_w^T y|| for image-space noise y should stay near its running mean
             y = inputs["pl_noise"].to(img) / math.sqrt(img.shape[2] * img.shape[3])
@@ -476,10 +445,8 @@ def chunk_of(inputs, start, stop, device):
     return cut(inputs)
 
 
-def check_finite(losses, step, poison=None):
+def check_finite(losses, step):
     """Stop on a non-finite loss term, on every rank alike; names the term and the step."""
-    if poison is not None and poison[1] == step and poison[0] in losses:
-        losses[poison[0]] = losses[poison[0]] * float("nan")
     names = list(losses)
     bad = torch.tensor([0.0 if torch.isfinite(losses[n].detach()).all() else 1.0 for n in names])
     all_reduce(bad, dist.ReduceOp.MAX if dist.is_initialized() else None)
@@ -497,15 +464,6 @@ def validation_inputs(task, G, n):
     z = torch.randn(n, G.z_dim, generator=g)
     noise = [torch.randn(n, 1, r, r, generator=g) for r in task.noise_resolutions]
     return z, noise
-
-
-def sliced_wasserstein(a, b, projections=SWD_PROJECTIONS, seed=SWD_SEED):
-    """Mean over random unit directions of the 1-D Wasserstein-1 distance between two sets of vectors
-    [N, D] (equal N). A cheap, network-free distance between image distributions (teacher validation)."""
-    g = torch.Generator().manual_seed(seed)
-    directions = F.normalize(torch.randn(a.shape[1], projections, generator=g), dim=0).to(a)  # [D, P]
-    pa, pb = (a @ directions).sort(0).values, (b @ directions).sort(0).values                # [N, P]
-    return (pa - pb).abs().mean().item()
 
 
 class Validator:
@@ -541,7 +499,7 @@ class Validator:
             img, freq = G.synthesis(ws, noise=noise, return_freq=True)
             target = self.task.teacher.synthesis(ws, noise=noise)  # the same w: the student has the teacher's mapping
             terms = msgan.distillation_loss(freq, target)
-            figures += torch.tensor([fid.psnr(img, target).sum().item(), (terms["l1"] + terms["l2"]).item() * len(img),
+            figures += torch.tensor([psnr(img, target).sum().item(), (terms["l1"] + terms["l2"]).item() * len(img),
                                      len(img)])
         if self.distill:
             psnr_sum, loss_sum, count = all_reduce(figures).tolist()
@@ -552,28 +510,29 @@ class Validator:
             dist.all_gather(gathered, fakes.contiguous())
             fakes = torch.cat(gathered)
         n = min(len(fakes), len(self.reals))
-        return {"swd_x1000": 1000 * sliced_wasserstein(fakes[:n].flatten(1).cpu(), self.reals[:n].flatten(1))}
+        return {"swd_x1000": 1000 * fid.sliced_wasserstein(fakes[:n].flatten(1).cpu(), self.reals[:n].flatten(1))}
 
     @torch.no_grad()
     def grid(self, generators, path):
-        """One square grid of the fixed grid samples per generator, side by side, at the largest resolution."""
+        """One square grid of the fixed grid samples per generator, side by side, at the largest resolution (small
+        images enlarged by a whole factor, nearest neighbour, to at least GRID_MIN_TILE pixels)."""
         size = max(G.img_resolution for G in generators)
+        zoom = max(1, GRID_MIN_TILE // size)
         tiles = []
         for G in generators:
             img = G.synthesis(G.mapping(self.grid_z), noise=self.grid_noise)
             img = F.interpolate(img, size=size, mode="bilinear", align_corners=False) if img.shape[-1] != size else img
+            img = F.interpolate(img, scale_factor=zoom, mode="nearest") if zoom > 1 else img
             rows = int(math.sqrt(len(img)))
             img = img[:rows * rows].reshape(rows, rows, *img.shape[1:])                 # [r, r, 3, H, W]
             tiles.append(img.permute(2, 0, 3, 1, 4).flatten(3, 4).flatten(1, 2))        # [3, r*H, r*W]
         gap = torch.ones(3, tiles[0].shape[1], 2, device=tiles[0].device)              # a white line between
         grid = torch.cat([t for tile in tiles for t in (tile, gap)][:-1], dim=2)
-        array = (grid * 127.5 + 128).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
-        with msgan.atomic_file(path) as tmp:
-            Image.fromarray(array).save(tmp)
+        formats.save_png((grid * 127.5 + 128).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy(), path)
 
 
 # ----------------------------------------------------------------------------------------------
-# Run state: build or resume, save
+# Setting up a run: its folder, its networks (fresh or from --resume)
 
 
 class StopFlag:
@@ -623,8 +582,8 @@ def prepare_outdir(args, resuming):
 
 def load_teacher(src, device):
     if src is None:
-        if not os.path.isfile(os.path.join(msgan.WEIGHTS_DIR, msgan.PRETRAINED[DEFAULT_TEACHER])):
-            raise UsageError(f"no default teacher ({DEFAULT_TEACHER}) in {msgan.WEIGHTS_DIR}: "
+        if not os.path.isfile(os.path.join(formats.WEIGHTS_DIR, formats.PRETRAINED[DEFAULT_TEACHER])):
+            raise UsageError(f"no default teacher ({DEFAULT_TEACHER}) in {formats.WEIGHTS_DIR}: "
                              "give one with --teacher PATH|NAME")
         src = DEFAULT_TEACHER
     try:
@@ -639,143 +598,124 @@ def load_teacher(src, device):
     return teacher.requires_grad_(False)
 
 
-def build_state(args, device, log):
-    """Networks, optimisers and the task, fresh or from --resume."""
-    torch.manual_seed(args.seed + INIT_SEED_OFFSET)
-    resume = msgan.read_checkpoint(args.resume) if args.resume else None
+def load_vgg(args, device, log):
+    """VGG16 for the perceptual loss, or None (weight 0, or weights unavailable: one warning)."""
+    if args.perceptual == 0:
+        return None
+    try:
+        return fid.load_vgg16(args.vgg).to(device)
+    except fid.FIDError as e:
+        log(f"warning: perceptual loss off: VGG16 weights unavailable ({e})")
+        return None
+
+
+def build_networks(args, resume, device, log):
+    """(task, G, G_ema, D): the mode's task (its teacher or its images) and the networks, fresh or as --resume
+    saved them. A fresh run draws its initial weights from the global RNG, in this order."""
     if args.mode == "distill":
-        if resume is not None:
-            teacher = msgan.load(args.resume, device=device, part="teacher").requires_grad_(False)
-        else:
-            teacher = load_teacher(args.teacher, device)
-        vgg = None
-        if args.perceptual > 0:
+        teacher = (msgan.load(args.resume, device=device, part="teacher").requires_grad_(False) if resume
+                   else load_teacher(args.teacher, device))
+        task = Distillation(teacher, load_vgg(args, device, log), args)
+        resolution, channels = teacher.img_resolution, teacher.synthesis.channels
+
+        def fresh_generator():
             try:
-                vgg = fid.load_vgg16(args.vgg).to(device)
-            except fid.FIDError as e:
-                log(f"warning: perceptual loss off: VGG16 weights unavailable ({e})")
-        task = Distillation(teacher, vgg, args)
-        G = student_for(teacher, args.channels) if resume is None else None
-        if G is not None and args.init:
-            G = init_student(G, args.init)
-        d_channels = args.d_channels or teacher.synthesis.channels[::-1]
-        resolution = teacher.img_resolution
+                student = msgan.student_for(teacher, args.channels)
+            except ValueError as e:  # a teacher too small, or --channels that do not fit it
+                raise TrainError(str(e)) from None
+            return init_student(student, args.init) if args.init else student
     else:
         images = load_image_folder(args.data, args.res, log)
         log(f"data: {len(images)} images from {args.data} at {args.res}x{args.res}")
         task = TeacherTraining(images, args, device)
         if args.res < 16 or args.res & (args.res - 1):
             raise TrainError(f"--res {args.res}: must be a power of 2, at least 16")
-        channels = args.channels or default_teacher_channels(args.res)
+        resolution, channels = args.res, args.channels or default_teacher_channels(args.res)
         if len(channels) != int(math.log2(args.res)) - 1:
             raise TrainError(f"--channels: {len(channels)} widths given, {int(math.log2(args.res)) - 1} needed "
                              f"for 4..{args.res}")
-        G = msgan.Generator(dict(arch="stylegan2", z_dim=args.z_dim, w_dim=args.w_dim,
-                                 mapping_layers=args.mapping_layers, channels=channels)) if resume is None else None
-        d_channels = args.d_channels or channels[::-1]
-        resolution = args.res
+
+        def fresh_generator():
+            return msgan.Generator(dict(arch="stylegan2", z_dim=args.z_dim, w_dim=args.w_dim,
+                                        mapping_layers=args.mapping_layers, channels=channels))
     if resume is not None:
-        G_ema = msgan.load(args.resume, device="cpu")
+        G_ema = msgan.load(args.resume)
         G = copy.deepcopy(G_ema)
         G.load_state_dict(resume["train"]["G"])
-        D = msgan.load(args.resume, part="discriminator")
-    else:
-        if len(d_channels) != int(math.log2(resolution)) - 1:
-            raise TrainError(f"--d-channels: {len(d_channels)} widths given, {int(math.log2(resolution)) - 1} needed")
-        D = msgan.Discriminator(resolution, d_channels)
-        G_ema = copy.deepcopy(G)
-    if G.is_student:
-        G.mapping.requires_grad_(False)
-    G, G_ema, D = G.to(device).train(), G_ema.to(device).eval().requires_grad_(False), D.to(device).train()
-    if task.noise_resolutions is None:
-        task.noise_resolutions = G.synthesis.noise_resolutions
-    opt_g = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=args.lr, betas=args.betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.d_lr, betas=args.betas)
-    torch.manual_seed(args.seed)  # the one stream of training randomness, identical on every rank
-    state = dict(G=G, G_ema=G_ema, D=D, task=task, opt_g=opt_g, opt_d=opt_d, step=0, images_seen=0, best=None,
-                 aug_p=args.aug_p)
-    if resume is not None:
-        train = resume["train"]
-        for opt, saved, lr in ((opt_g, train["opt_g"], args.lr), (opt_d, train["opt_d"], args.d_lr)):
-            opt.load_state_dict(saved)  # this restores the saved lr too: --lr / --d-lr on resume win
-            for group in opt.param_groups:
-                group["lr"] = lr
-        state.update(step=train["step"], images_seen=train["images_seen"], best=train["best"], aug_p=train["aug_p"])
-        torch.set_rng_state(train["rng"])
-        if "cuda_rng" in train and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(train["cuda_rng"])
-        if args.mode == "teacher":
-            task.pl_mean.copy_(train["pl_mean"])
-    return state
+        return task, G, G_ema, msgan.load(args.resume, part="discriminator")
+    G = fresh_generator()
+    d_channels = args.d_channels or channels[::-1]
+    if len(d_channels) != int(math.log2(resolution)) - 1:
+        raise TrainError(f"--d-channels: {len(d_channels)} widths given, {int(math.log2(resolution)) - 1} needed")
+    return task, G, copy.deepcopy(G), msgan.Discriminator(resolution, d_channels)
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop
 
 
-def generator_phase(run, inputs, step):
-    """The mode's own losses plus the GAN term through a frozen D, over this rank's chunks.
-    Returns [(real, fake, chunk)] for the discriminator phase."""
-    G, D, task, args = run.G, run.D, run.task, run.args
-    D.requires_grad_(False)
-    run.opt_g.zero_grad(set_to_none=True)
-    pairs = []
-    for k, (lo, hi) in enumerate(run.chunks):
-        chunk = chunk_of(inputs, lo, hi, run.device)
-        with run.sync(run.gen, k), run.autocast():
-            fake, real, losses = task.generator_losses(run.gen, chunk, step)
-            if run.weights["gan"] > 0:
-                losses["gan"] = msgan.g_nonsaturating_loss(D(msgan.augment(fake, chunk["aug_g"])))
-            check_finite(losses, step, run.poison)
-            (sum(run.weights[n] * v for n, v in losses.items()) / len(run.chunks)).backward()
-        run.record(losses)
-        pairs.append((real.detach(), fake.detach(), chunk))
-    if args.grad_clip > 0:
-        nn.utils.clip_grad_norm_([p for p in G.parameters() if p.requires_grad], args.grad_clip)
-    run.opt_g.step()
-    return pairs
-
-
-def discriminator_phase(run, pairs, step):
-    """Logistic loss on augmented real and fake images; lazy R1 on the augmented real ones, which on R1 steps
-    is added to the loss (StyleGAN2) or replaces it (official MobileStyleGAN), per --r1-mode."""
-    args = run.args
-    run.D.requires_grad_(True)
-    run.opt_d.zero_grad(set_to_none=True)
-    r1_step = args.r1 > 0 and step % args.r1_every == 0
-    for k, (real, fake, chunk) in enumerate(pairs):
-        losses = {}
-        with run.sync(run.D_train, k), run.autocast():
-            if not (r1_step and args.r1_mode == "replace"):
-                real_logits = run.D_train(msgan.augment(real, chunk["aug_real"]))
-                losses["d"] = msgan.d_logistic_loss(real_logits, run.D_train(msgan.augment(fake, chunk["aug_fake"])))
-                run.ada_signs += torch.tensor([real_logits.detach().sign().sum().item(), len(real_logits)])
-            if r1_step:
-                # at the images D judges: the gradient w.r.t. the real image through its augmentation (ADA's R1);
-                # + 0 x every parameter: DDP waits for a gradient of each, and R1 gives none to D's last bias
-                r1 = msgan.r1_penalty(lambda x: run.D_train(msgan.augment(x, chunk["aug_real"])), real)
-                losses["r1"] = r1 * (args.r1 / 2 * args.r1_every) + 0 * sum(p.sum() for p in run.D.parameters())
-            check_finite(losses, step, run.poison)
-            (sum(losses.values()) / len(pairs)).backward()
-        run.record(losses)
-    if args.grad_clip > 0:
-        nn.utils.clip_grad_norm_(run.D.parameters(), args.grad_clip)
-    run.opt_d.step()
-
-
 def training_step(run):
     """One optimiser step of G and D on a fresh global batch, then ADA and the EMA update."""
     args = run.args
     inputs = draw_step(run.task, run.G, args.batch, args, run.aug_p)
-    pairs = generator_phase(run, inputs, run.step)
+    pairs = generator_phase(run, inputs)
     if run.weights["gan"] > 0:  # without a GAN term (distillation --gan 0) D would be trained for nothing
-        discriminator_phase(run, pairs, run.step)
+        discriminator_phase(run, pairs)
     run.images_seen += args.batch
     if args.ada_target > 0 and (run.step + 1) % ADA_INTERVAL == 0:
         run.adapt_augmentation()
     half_life = min(args.ema_kimg * 1000, run.images_seen * EMA_RAMPUP)
     update_ema(run.G_ema, run.G, 0.5 ** (args.batch / max(half_life, 1e-8)))
     run.step += 1
+
+
+def generator_phase(run, inputs):
+    """The mode's own losses plus the GAN term through a frozen D, over this rank's chunks.
+    Returns [(real, fake, chunk)] for the discriminator phase."""
+    run.D.requires_grad_(False)
+    run.opt_g.zero_grad(set_to_none=True)
+    pairs = []
+    for k, (lo, hi) in enumerate(run.chunks):
+        chunk = chunk_of(inputs, lo, hi, run.device)
+        with run.sync(run.g_pass, k), run.autocast():
+            fake, real, losses = run.task.generator_losses(run.g_pass, chunk, run.step)
+            if run.weights["gan"] > 0:
+                losses["gan"] = msgan.g_nonsaturating_loss(run.D(msgan.augment(fake, chunk["aug_g"])))
+            check_finite(losses, run.step)
+            (sum(run.weights[n] * v for n, v in losses.items()) / len(run.chunks)).backward()
+        run.record(losses)
+        pairs.append((real.detach(), fake.detach(), chunk))
+    if run.args.grad_clip > 0:
+        nn.utils.clip_grad_norm_([p for p in run.G.parameters() if p.requires_grad], run.args.grad_clip)
+    run.opt_g.step()
+    return pairs
+
+
+def discriminator_phase(run, pairs):
+    """Logistic loss on augmented real and fake images; lazy R1 on the augmented real ones, which on R1 steps
+    is added to the loss (StyleGAN2) or replaces it (official MobileStyleGAN), per --r1-mode."""
+    args = run.args
+    run.D.requires_grad_(True)
+    run.opt_d.zero_grad(set_to_none=True)
+    r1_step = args.r1 > 0 and run.step % args.r1_every == 0
+    for k, (real, fake, chunk) in enumerate(pairs):
+        losses = {}
+        with run.sync(run.d_pass, k), run.autocast():
+            if not (r1_step and args.r1_mode == "replace"):
+                real_logits = run.d_pass(real, chunk["aug_real"])
+                losses["d"] = msgan.d_logistic_loss(real_logits, run.d_pass(fake, chunk["aug_fake"]))
+                run.ada_signs += torch.tensor([real_logits.detach().sign().sum().item(), len(real_logits)])
+            if r1_step:
+                # at the images D judges: the gradient w.r.t. the real image through its augmentation (ADA's R1);
+                # + 0 x every parameter: DDP waits for a gradient of each, and R1 gives none to D's last bias
+                r1 = msgan.r1_penalty(lambda x: run.d_pass(x, chunk["aug_real"]), real)
+                losses["r1"] = r1 * (args.r1 / 2 * args.r1_every) + 0 * sum(p.sum() for p in run.D.parameters())
+            check_finite(losses, run.step)
+            (sum(losses.values()) / len(pairs)).backward()
+        run.record(losses)
+    if args.grad_clip > 0:
+        nn.utils.clip_grad_norm_(run.D.parameters(), args.grad_clip)
+    run.opt_d.step()
 
 
 def train(args, log=functools.partial(print, flush=True)):
@@ -788,14 +728,23 @@ def train(args, log=functools.partial(print, flush=True)):
             if run.step % args.log_every == 0 or run.step == args.steps or stopping:
                 run.report()
             if stopping:
-                run.say(f"stopped at step {run.step}: checkpoint {os.path.join(args.outdir, 'last.pt')}")
                 break
+    last = os.path.join(args.outdir, "last.pt")
+    if run.step < args.steps:
+        run.say(f"stopped at step {run.step}: checkpoint {last}\ncontinue: python train.py"
+                f"{' teacher' if args.mode == 'teacher' else ''} --resume {last} --steps {args.steps}")
+        return run
+    best = os.path.join(args.outdir, "best.pt")
+    what = "student (EMA; the teacher is in the file too)" if args.mode == "distill" else "teacher (EMA)"
+    compare = f" --compare {best}" if args.mode == "distill" else ""
+    run.say(f"done: {best} holds the {what} with the best {run.validator.name} ({run.best:.3f}), {last} the last"
+            f"\nsample it: python sample.py --model {best}{compare} -n 16")
     return run
 
 
 class Run:
-    """Everything a training run holds: set-up (devices, ranks, networks, optimisers, chunking), the
-    per-step bookkeeping, and the report: log line, grid, validation, checkpoints."""
+    """A training run: devices and ranks, the networks and their optimisers, the training forwards
+    (g_pass, d_pass: what DDP wraps under torchrun), the counters, and the report."""
 
     def __init__(self, args, log):
         self.args = args
@@ -807,42 +756,69 @@ class Run:
         if args.batch % self.world:
             raise TrainError(f"--batch {args.batch} is not divisible by the {self.world} processes")
         per_rank = args.batch // self.world
-        batch_gpu = args.batch_gpu or per_rank
-        if per_rank % batch_gpu:
-            raise TrainError(f"--batch-gpu {batch_gpu} does not divide the per-process batch {per_rank}")
-        if batch_gpu % min(batch_gpu, msgan.Discriminator.STDDEV_GROUP):
-            raise TrainError(f"--batch-gpu {batch_gpu}: the discriminator needs a multiple of "
+        self.batch_gpu = args.batch_gpu or per_rank
+        if per_rank % self.batch_gpu:
+            raise TrainError(f"--batch-gpu {self.batch_gpu} does not divide the per-process batch {per_rank}")
+        if self.batch_gpu % min(self.batch_gpu, msgan.Discriminator.STDDEV_GROUP):
+            raise TrainError(f"--batch-gpu {self.batch_gpu}: the discriminator needs a multiple of "
                              f"{msgan.Discriminator.STDDEV_GROUP} samples (or fewer)")
-        self.batch_gpu = batch_gpu
         # round k of rank r takes samples [(k * world + r) * batch_gpu, ... + batch_gpu) of the global batch
-        self.chunks = [((k * self.world + self.rank) * batch_gpu, (k * self.world + self.rank + 1) * batch_gpu)
-                       for k in range(per_rank // batch_gpu)]
-        self.poison = None
-        if args.debug_nan:
-            term, _, at = args.debug_nan.partition("@")
-            self.poison = (term, int(at))
+        self.chunks = [((k * self.world + self.rank) * self.batch_gpu, (k * self.world + self.rank + 1) * self.batch_gpu)
+                       for k in range(per_rank // self.batch_gpu)]
         if self.is_main:
             prepare_outdir(args, resuming=bool(args.resume))
-        state = build_state(args, self.device, self.say)
-        self.G, self.G_ema, self.D, self.task = state["G"], state["G_ema"], state["D"], state["task"]
-        self.opt_g, self.opt_d = state["opt_g"], state["opt_d"]
-        self.step, self.images_seen, self.best = state["step"], state["images_seen"], state["best"]
-        self.aug_p = state["aug_p"]
+
+        # Networks and optimisers, fresh or resumed.
+        resume = formats.read_checkpoint(args.resume) if args.resume else None
+        torch.manual_seed(args.seed + INIT_SEED_OFFSET)
+        self.task, self.G, self.G_ema, self.D = build_networks(args, resume, self.device, self.say)
+        if self.G.is_student:
+            self.G.mapping.requires_grad_(False)
+        self.G, self.D = self.G.to(self.device).train(), self.D.to(self.device).train()
+        self.G_ema = self.G_ema.to(self.device).eval().requires_grad_(False)
         for net in (self.G, self.G_ema, self.D, getattr(self.task, "teacher", None)):
             if net is not None:  # the layout oneDNN and cuDNN convolutions run fastest in: +15% img/s at 32x32
                 net.to(memory_format=torch.channels_last)
-        self.ada_signs = torch.zeros(2)  # sum of sign(D(real)) and count since the last adaptation
-        self.gen, self.D_train = msgan.maybe_compile(GeneratorPass(self.G), args.compile, self.say), self.D
+        if self.task.noise_resolutions is None:
+            self.task.noise_resolutions = self.G.synthesis.noise_resolutions
+        self.opt_g = torch.optim.Adam([p for p in self.G.parameters() if p.requires_grad], lr=args.lr,
+                                      betas=args.betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=args.d_lr, betas=args.betas)
+        torch.manual_seed(args.seed)  # the one stream of training randomness, identical on every rank
+        self.step, self.images_seen, self.best, self.aug_p = 0, 0, None, args.aug_p
+        if resume is not None:
+            self.restore(resume["train"])
+
+        # The training forwards.
+        self.g_pass = ops.maybe_compile(GeneratorPass(self.G), args.compile, self.say)
+        self.d_pass = DiscriminatorPass(self.D)
         if self.world > 1:
-            self.gen = nn.parallel.DistributedDataParallel(self.gen, broadcast_buffers=False)
-            self.D_train = nn.parallel.DistributedDataParallel(self.D, broadcast_buffers=False)
+            self.g_pass = nn.parallel.DistributedDataParallel(self.g_pass, broadcast_buffers=False)
+            self.d_pass = nn.parallel.DistributedDataParallel(self.d_pass, broadcast_buffers=False)
+
+        # Bookkeeping.
         self.weights = self.task.weights()
+        self.ada_signs = torch.zeros(2)  # sum of sign(D(real)) and count since the last adaptation
         self.validator = Validator(self.task, self.G_ema, args, self.rank, self.world, self.device)
         self.logged, self.last_report = {}, (time.time(), self.images_seen, self.step)
         self.say(f"{args.mode}: {self.G.img_resolution}x{self.G.img_resolution}, "
                  f"G {sum(p.numel() for p in self.G.synthesis.parameters()):,} params, "
                  f"D {sum(p.numel() for p in self.D.parameters()):,}, batch {args.batch} "
-                 f"({self.world} x {len(self.chunks)} x {batch_gpu}), {self.device}, out {args.outdir}")
+                 f"({self.world} x {len(self.chunks)} x {self.batch_gpu}), {self.device}, out {args.outdir}")
+
+    def restore(self, saved):
+        """Optimisers, counters and RNG state as --resume saved them; --lr / --d-lr given now win."""
+        for opt, state, lr in ((self.opt_g, saved["opt_g"], self.args.lr), (self.opt_d, saved["opt_d"], self.args.d_lr)):
+            opt.load_state_dict(state)
+            for group in opt.param_groups:
+                group["lr"] = lr
+        self.step, self.images_seen, self.best, self.aug_p = (saved["step"], saved["images_seen"], saved["best"],
+                                                              saved["aug_p"])
+        torch.set_rng_state(saved["rng"])
+        if "cuda_rng" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        if self.args.mode == "teacher":
+            self.task.pl_mean.copy_(saved["pl_mean"])
 
     def autocast(self):
         return torch.autocast("cuda", torch.bfloat16) if self.args.amp else contextlib.nullcontext()
@@ -937,7 +913,7 @@ def benchmark(log=functools.partial(print, flush=True)):
         data = os.path.join(tmp, "data")
         os.makedirs(data)
         for i in range(64):
-            Image.fromarray(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy()).save(f"{data}/{i}.png")
+            formats.save_png(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy(), f"{data}/{i}.png")
         for mode, res, channels, batch, perceptual in cases:
             common = ["--steps", "1000000", "--batch", str(batch), "--outdir", os.path.join(tmp, f"{mode}{res}")]
             if mode == "distill":
@@ -967,7 +943,7 @@ def format_duration(seconds):
 
 
 def main(argv=None):
-    msgan.use_huge_pages()
+    ops.use_huge_pages()
     try:
         if (sys.argv[1:] if argv is None else list(argv))[:1] == ["bench"]:
             benchmark()
