@@ -1870,9 +1870,12 @@ def assert_working_network(net):
         assert value.dtype == torch.float32 and torch.isfinite(value).all(), key
     with torch.no_grad():
         if isinstance(net, msgan.Discriminator):
-            assert net(torch.zeros(1, 3, net.img_resolution, net.img_resolution)).shape == (1, 1)
+            out = net(torch.zeros(1, 3, net.img_resolution, net.img_resolution))
+            assert out.shape == (1, 1)
         else:
-            assert net(torch.zeros(1, net.z_dim)).shape == (1, 3, net.img_resolution, net.img_resolution)
+            out = net(torch.randn(1, net.z_dim, generator=torch.Generator().manual_seed(0)))
+            assert out.shape == (1, 3, net.img_resolution, net.img_resolution)
+    assert torch.isfinite(out).all()
 
 
 def outcome(case, error_types):
@@ -2284,6 +2287,28 @@ def test_nan_and_integer_weights_are_refused_naming_the_key(tmp_path, ref):
     torch.save({"g_ema": {**g_ema, key: g_ema[key].long()}}, tmp_path / "int.pt")
     with pytest.raises(msgan.CheckpointError, match=rf"int\.pt: generator: key '{key}' is a torch.int64"):
         msgan.load(tmp_path / "int.pt")
+
+
+def test_a_flipped_exponent_bit_is_refused_before_it_draws_nan(tmp_path, ref, monkeypatch):
+    """One bit of one float32 weight of the official student flipped in the file, the top bit of its exponent (0.5
+    becomes 1.7e38): every weight is still finite, yet the network would draw NaN. msgan.load refuses it, naming
+    the key, as it refuses any magnitude beyond formats.MAX_ABS_VALUE (1e6 here)."""
+    ckpt = ref["mobilestylegan"]["checkpoint"]
+    key = "student.layers.0.up.modulation.bias"  # the style of the first IDWT upsampling
+    weight = ckpt["state_dict"][key]
+    flipped = weight.clone()
+    index = ((flipped.abs() >= 0.5) & (flipped.abs() < 1)).view(-1).nonzero()[0]  # exponent 126: its top bit is 0
+    flipped.view(-1).view(torch.int32)[index] ^= 1 << 30
+    assert torch.isfinite(flipped).all() and flipped.abs().max() > 1e38
+    for name, tensor in (("flipped", flipped), ("large", poke(weight, random.Random(0), 1e6))):
+        torch.save({**ckpt, "state_dict": {**ckpt["state_dict"], key: tensor}}, tmp_path / f"{name}.pt")
+        with pytest.raises(msgan.CheckpointError, match=rf"{name}\.pt: generator: key '{key}' holds a value of "
+                           r"magnitude [\d.e+]+, beyond any trained weight"):
+            msgan.load(tmp_path / f"{name}.pt")
+    monkeypatch.setattr(formats, "MAX_ABS_VALUE", math.inf)  # without the bound: what the file would draw
+    G = msgan.load(tmp_path / "flipped.pt")
+    with torch.no_grad():
+        assert torch.isnan(G(torch.randn(8, G.z_dim, generator=torch.Generator().manual_seed(0)))).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
