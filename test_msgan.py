@@ -2817,6 +2817,21 @@ def test_distilling_the_golden_teacher_lowers_the_loss_and_raises_psnr(ckpt_dir,
     assert sample.main(["--model", str(out / "last.pt"), "--seeds", "0-1", "--outdir", str(tmp_path / "s")]) == 0
 
 
+def test_a_run_ends_naming_its_model_and_the_command_that_samples_it(tiny_teacher, tmp_path, capsys):
+    """The last lines say where the model is and how to sample it (the command works as printed), and the grids
+    of small models are enlarged, nearest neighbour, so that 16x16 images show at 64x64."""
+    out = tmp_path / "run"
+    assert run_train("--teacher", tiny_teacher, *QUICK, "--steps", 2, "--outdir", out) == 0
+    done, command = capsys.readouterr().out.splitlines()[-2:]
+    assert done.startswith(f"done: {out / 'best.pt'} holds the student") and str(out / "last.pt") in done
+    assert command == f"sample it: python sample.py --model {out / 'best.pt'} --compare {out / 'best.pt'} -n 16"
+    assert sample.main([*command.split()[4:], "--outdir", str(tmp_path / "samples")]) == 0
+    grid = np.asarray(Image.open(out / "grids" / "0000002.png"))
+    assert grid.shape == (2 * 64, 3 * 2 * 64 + 2 * 2, 3)  # teacher | student | EMA student, 2x2 tiles of 64x64
+    teacher_panel = grid[:, :2 * 64]
+    assert (teacher_panel[0::4, 0::4] == teacher_panel[3::4, 3::4]).all()  # each pixel of a 16x16 image: 4x4
+
+
 def test_resume_continues_bit_identically(tiny_teacher, tmp_path):
     common = ["--teacher", tiny_teacher, *QUICK, "--gan", "0.5"]
     assert run_train(*common, "--steps", 4, "--outdir", tmp_path / "a") == 0
@@ -2911,6 +2926,7 @@ def test_sigterm_or_ctrl_c_writes_a_checkpoint_and_exits_0(tiny_teacher, tmp_pat
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert "stopped at step" in stdout
+    assert f"continue: python train.py --resume {out / 'last.pt'} --steps 100000" in stdout
     assert torch.load(out / "last.pt", weights_only=True)["train"]["step"] > 0
 
 
