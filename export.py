@@ -23,6 +23,9 @@ Every file is checked before it is kept: onnx.checker, then the graph runs on ra
 in onnxruntime (TorchScript: torch.jit.load; OpenVINO: its CPU runtime) and must match PyTorch to PARITY_ATOL.
 Core ML cannot run on Linux: its declared inputs and outputs are checked instead. Files are written to a temp folder
 inside --outdir and moved into place only when all of them passed, so a failed run leaves none behind.
+
+The speed benchmark that `python sample.py --bench` prints lives here too (bench, bench_table): it times msgan's
+paths beside the exported model in onnxruntime and the official model in OpenVINO.
 """
 import argparse
 import contextlib
@@ -330,8 +333,9 @@ def export(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Benchmark (`python sample.py --bench`): msgan's paths against the exported model in its runtimes; every (model, path) runs in its own worker process, so that each one's peak RSS is its
-# own; the workers take turns, one forward each per round, so that drift on a shared machine hits all alike.
+# Benchmark (`python sample.py --bench`): msgan's paths against the exported model in its runtimes. Every
+# (model, path) runs in its own worker process, so that each one's peak RSS is its own; the workers take turns,
+# one forward each per round, so that drift on a shared machine hits all alike.
 
 
 def bench_config(kind, res):

@@ -799,7 +799,7 @@ def load(src, device="cpu", part="generator"):
     try:
         data = formats.read_network(path, part)
     except CheckpointError as e:
-        if src in formats.FETCHED:  # e.g. a disk that filled up under an older msgan, which wrote in place
+        if src in formats.FETCHED:  # a damaged import (a disk that filled up, an edit): importing it again mends it
             raise CheckpointError(f"{e}; delete it, and msgan.load({src!r}) imports it again") from None
         raise
     return build(data).to(device).eval()

@@ -1463,7 +1463,7 @@ def test_absurd_config_is_refused_before_anything_is_built(tmp_path, teacher):
 
 @pytest.mark.parametrize("when", ["tempfile.mkstemp", "os.replace"])
 def test_a_ctrl_c_during_an_atomic_write_is_held_until_the_file_is_whole(when, tmp_path, monkeypatch):
-    """The race behind a flaky real-signal test: SIGINT right after the temp file is made, or right before the
+    """The two moments a real Ctrl-C can hit: SIGINT right after the temp file is made, or right before the
     rename. The write completes, no temp file stays, then the KeyboardInterrupt arrives."""
     module_name, _, name = when.partition(".")
     module = {"tempfile": tempfile, "os": os}[module_name]

@@ -38,7 +38,7 @@ import fid
 import formats
 import msgan
 import ops
-from sample import int_in, psnr
+from sample import finite_float, int_in, psnr
 
 DEFAULT_TEACHER = "emoji-teacher"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -91,11 +91,8 @@ positive_int = int_in(1, MAX_COUNT)
 
 
 def nonnegative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
+    value = finite_float(text)
+    if value < 0:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value
 
