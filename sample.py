@@ -69,14 +69,20 @@ def psnr(img, target):
     return 10 * torch.log10(PSNR_PEAK**2 / mse.clamp(min=PSNR_MIN_MSE))
 
 
+def compare_inputs(G, teacher, seeds, noise_mode, device):
+    """seeded_inputs for G, or with a teacher the one noise list that feeds both: the teacher's, of which a
+    student takes the maps it has (with noise_mode "const" too, so that both draw the same noise)."""
+    z, noise = seeded_inputs(teacher if teacher is not None else G, seeds, noise_mode, device)
+    if teacher is not None and noise is None and noise_mode == "const":
+        noise = teacher.synthesis.resolve_noise(len(seeds), None, "const", device)
+    return z, noise
+
+
 @torch.no_grad()
 def render(G, seeds, psi, noise_mode, device, teacher=None):
     """One batch: (images [B, H, W, 3] uint8, PSNRs or Nones). With a teacher: teacher | student side by side,
     and the student's PSNR in dB against the teacher (images clamped to [-1, 1])."""
-    # the teacher's (longer) noise list also feeds the student, which takes the maps it has
-    z, noise = seeded_inputs(teacher if teacher is not None else G, seeds, noise_mode, device)
-    if teacher is not None and noise is None and noise_mode == "const":
-        noise = teacher.synthesis.resolve_noise(len(seeds), None, "const", device)
+    z, noise = compare_inputs(G, teacher, seeds, noise_mode, device)
     img = G.synthesis(G.truncate(G.mapping(z), psi), noise=noise, noise_mode=noise_mode)
     if teacher is None:
         return to_uint8(img), [None] * len(seeds)

@@ -19,7 +19,9 @@ Sections, top to bottom:
     every command line           bad counts, unusable folders, Ctrl-C
     hostile inputs               a seeded corpus of 400+ broken and malicious files against every loader
 """
+import argparse
 import collections
+import concurrent.futures
 import errno
 import functools
 import hashlib
@@ -34,6 +36,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -42,6 +45,8 @@ import threading
 import time
 import types
 import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
 import zipfile
 import zlib
@@ -54,6 +59,7 @@ import pytest
 import torch
 from PIL import Image
 
+import demo
 import export
 import fid
 import formats
@@ -76,7 +82,8 @@ FID_PY = Path(__file__).resolve().parent / "fid.py"
 FID_WEIGHTS_SEED = 1000
 FID_ATOL = FID_RTOL = 1e-4  # float32 activations on another CPU than the one that made the data
 NV_PKL = REF / "nvlabs" / "nvlabs_public.pkl"
-TRAIN_PY = Path(__file__).resolve().parent / "train.py"
+REPO = Path(__file__).resolve().parent
+TRAIN_PY = REPO / "train.py"
 QUICK = ["--batch", "4", "--log-every", "2", "--val-samples", "8"]
 MODELS = ["student", "teacher"]
 BATCHES = (1, 3)    # every graph is exported once and run at both: the batch axis must be dynamic
@@ -332,6 +339,22 @@ def exported(ckpts, tmp_path_factory):
             cache[model, flags] = outdir
         return cache[model, flags]
     return get
+
+
+@pytest.fixture(scope="module")
+def demo_server_object():
+    """demo.py's server for the shipped emoji student beside its teacher, in-process on a free port."""
+    server = demo.start(argparse.Namespace(model="emoji", compare="emoji-teacher", host="127.0.0.1", port=0,
+                                           device="cpu"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_server_object):
+    return demo_server_object.url
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2563,6 +2586,285 @@ def test_teacher_training_runs_saves_loads_and_resumes(tmp_path, capsys):
     # and the trained teacher distils
     assert run_train("--teacher", out / "last.pt", *QUICK, "--steps", 2, "--outdir", tmp_path / "student") == 0
     assert msgan.load(tmp_path / "student" / "last.pt").is_student
+
+
+# ----------------------------------------------------------------------------------------------
+# demo.py: the HTTP API against a server started in-process on a free port (the shipped emoji student beside its
+# teacher), hostile requests, a bounded load test, and a real browser driving `python demo.py` as a user starts it
+
+
+def http_request(url, method="GET", body=None, headers=None):
+    """(status, headers, body) of one request; an error status is an answer here, not an exception."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def frame(url, **params):
+    status, headers, body = http_request(f"{url}/render?{urllib.parse.urlencode(params)}")
+    assert status == 200, body
+    assert headers["Content-Type"] == "image/png" and float(headers["X-Render-Ms"]) > 0
+    return np.asarray(Image.open(io.BytesIO(body)))
+
+
+def raw_request(url, data, read=True):
+    """Send bytes as they are over a new connection; the answer's status line (or '' if the server closed)."""
+    host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+    with socket.create_connection((host, port), timeout=30) as connection:
+        connection.sendall(data)
+        return connection.makefile("rb").readline().decode("latin1").strip() if read else ""
+
+
+def test_demo_frames_decode_follow_every_control_and_repeat_exactly(demo_server):
+    base = dict(seed=11, psi=1, noise="const")
+    student = frame(demo_server, **base)
+    assert student.shape == (32, 32, 3) and student.std() > 10
+    assert np.array_equal(frame(demo_server, **base), student)                          # the same parameters
+    assert np.array_equal(frame(demo_server, **base, walk=0), student)                  # the walk starts there
+    for change in (dict(seed=12), dict(psi=0.3), dict(noise="none"), dict(mix="coarse", mix_seed=2),
+                   dict(walk=0.5), dict(net="teacher")):
+        assert not np.array_equal(frame(demo_server, **{**base, **change}), student), change
+    random_noise = frame(demo_server, **{**base, "noise": "random"})
+    assert np.array_equal(frame(demo_server, **{**base, "noise": "random"}), random_noise)  # seeded by the seed
+    # a frame is what sample.py draws for that seed
+    G = msgan.load("emoji").fold()
+    with torch.no_grad():
+        expected = sample.to_uint8(G(sample.seeded_inputs(G, [11], "const", "cpu")[0]))[0]
+    assert np.abs(student.astype(int) - expected).max() <= 1
+    status, headers, body = http_request(f"{demo_server}/info")
+    info = json.loads(body)
+    assert info["networks"] == {"student": "MobileStyleGAN student", "teacher": "StyleGAN2 teacher"}
+    assert info["resolution"] == 32 and info["mix_slots"]["fine"] == [7, 8]
+    status, headers, page = http_request(demo_server)
+    assert status == 200 and b"<title>msgan demo</title>" in page and b"http" not in page  # nothing from elsewhere
+
+
+@pytest.mark.parametrize("query, says", [
+    ("psi=1&noise=const", "missing parameter 'seed'"),
+    ("seed=&psi=1&noise=const", "parameter 'seed' is ''"),
+    ("seed=-1&psi=1&noise=const", "must be an integer in 0..4294967295"),
+    ("seed=4294967296&psi=1&noise=const", "must be an integer"),
+    ("seed=1e9&psi=1&noise=const", "must be an integer"),
+    ("seed=" + "9" * 5000 + "&psi=1&noise=const", "must be an integer"),
+    ("seed=\u00b2&psi=1&noise=const", "must be an integer"),
+    ("seed=1&psi=nan&noise=const", "must be a number in -1..2"),
+    ("seed=1&psi=1e308&noise=const", "must be a number"),
+    ("seed=1&psi=1&noise=loud", "must be const or random or none"),
+    ("seed=1&psi=1&noise=const&mix=all", "'mix'"),
+    ("seed=1&psi=1&noise=const&walk=-1", "'walk'"),
+    ("seed=1&psi=1&noise=const&client=../../etc", "'client'"),
+    ("seed=1&seed=2&psi=1&noise=const", "given more than once"),
+    ("seed=1&psi=1&noise=const&size=4096", "unknown parameter 'size'"),
+])
+def test_demo_bad_parameters_are_400_with_a_one_line_reason(demo_server, query, says):
+    status, headers, body = http_request(f"{demo_server}/render?{urllib.parse.quote(query, safe='=&')}")
+    text = body.decode()
+    assert status == 400 and says in text and text.count("\n") == 1 and text.startswith("error: "), text
+
+
+def test_demo_hostile_requests_get_4xx_and_the_server_keeps_serving(demo_server, capfd):
+    assert http_request(f"{demo_server}/etc/passwd")[0] == 404
+    assert http_request(f"{demo_server}/../msgan.py")[0] == 404
+    assert http_request(f"{demo_server}/render", "POST", b"x" * 10_000_000)[0] == 405  # read, dropped, refused
+    assert http_request(f"{demo_server}/", "HEAD")[0] == 405
+    assert http_request(f"{demo_server}/info", headers={"Host": "attacker.example"})[0] == 400  # DNS rebinding
+    assert raw_request(demo_server, b"POST / HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n").startswith(
+        "HTTP/1.1 413")
+    assert raw_request(demo_server, b"BREW /pot HTTP/1.1\r\n\r\n").startswith("HTTP/1.1 405")
+    assert raw_request(demo_server, b"GET / HTTP/9.9\r\n\r\n").startswith("error: Invalid HTTP version")
+    assert raw_request(demo_server, b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n")[9:12] == "414"
+    assert raw_request(demo_server, b"\x16\x03\x01\x02\x00garbage\r\n\r\n").startswith("error: Bad request syntax")
+    assert http_request(f"{demo_server}/render?seed=1&psi=1&noise=const&net=teacher")[0] == 200
+    # many parallel connections: some idle, some mid-request, the rest asking for frames
+    address = urllib.parse.urlsplit(demo_server)
+    idle = [socket.create_connection((address.hostname, address.port), timeout=30) for _ in range(32)]
+    for connection in idle[:16]:
+        connection.sendall(b"GET /render?seed=1&psi=1")                                # and never the rest
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(lambda i: http_request(f"{demo_server}/render?seed={i}&psi=1&noise=const")[0],
+                                 range(64)))
+    for connection in idle:
+        connection.close()
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 16
+    assert http_request(f"{demo_server}/info")[0] == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_demo_draws_only_the_newest_frame_of_each_client(demo_server_object, monkeypatch):
+    """While one frame is drawn, five more of one client arrive: the one that is newest when the renderer is
+    free is drawn, the four before it are dropped (204). Frames without a client id are never dropped."""
+    drawn = []
+    real_render = demo_server_object.renderer.render
+
+    def slow_render(params):
+        drawn.append(params["seed"])
+        time.sleep(0.4)
+        return real_render(params)
+    monkeypatch.setattr(demo_server_object.renderer, "render", slow_render)
+    url = demo_server_object.url
+
+    def ask(seed, client="c1"):
+        return http_request(f"{url}/render?seed={seed}&psi=1&noise=const&client={client}")[0]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        first = pool.submit(ask, 0)
+        time.sleep(0.15)                      # frame 0 is being drawn
+        later = [pool.submit(ask, seed) for seed in range(1, 6)]
+        for future in later:                  # all five wait; 5 is the newest
+            time.sleep(0.02)
+        statuses = [first.result()] + [future.result() for future in later]
+    assert statuses.count(200) == 2 and statuses.count(204) == 4 and statuses[0] == 200
+    assert drawn == [0, statuses.index(200, 1)]
+    drawn.clear()
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(lambda seed: ask(seed, client=""), range(3))) == [200] * 3
+    assert sorted(drawn) == [0, 1, 2]
+
+
+def test_demo_load_4_clients_x_50_frames(demo_server, capsys):
+    """A bounded load test on loopback: no request fails, the server answers after, and the latencies are
+    reported (a benchmark line, not an assertion)."""
+    def client(index):
+        latencies = []
+        for request in range(50):
+            start = time.perf_counter()
+            status = http_request(f"{demo_server}/render?seed={index * 50 + request}&psi=0.7&noise=const"
+                                  f"&net={'teacher' if request % 2 else 'student'}&client=load{index}")[0]
+            latencies.append((status, time.perf_counter() - start))
+        return latencies
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = [item for items in pool.map(client, range(4)) for item in items]
+    assert [status for status, _ in results] == [200] * 200
+    assert http_request(f"{demo_server}/info")[0] == 200
+    ms = sorted(1000 * seconds for _, seconds in results)
+    with capsys.disabled():
+        print(f"\ndemo.py load: 4 clients x 50 frames (emoji student and teacher, 32x32): p50 {ms[99]:.1f} ms, "
+              f"p95 {ms[189]:.1f} ms")
+
+
+DEMO_PY = REPO / "demo.py"
+
+
+def start_demo(*args):
+    """`python demo.py ARGS --port 0` as a user starts it: (the process, the URL it prints)."""
+    process = subprocess.Popen([sys.executable, str(DEMO_PY), *args, "--port", "0"], text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line = process.stdout.readline()
+    found = re.search(r"at (http://127\.0\.0\.1:\d+) \(Ctrl-C stops\)$", line.strip())
+    if not found:
+        process.kill()
+        pytest.fail(f"demo.py did not start: {line!r} {process.communicate()[1]!r}")
+    return process, found[1]
+
+
+def stop_demo(process):
+    """Ctrl-C: demo.py stops cleanly, exit status 0."""
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and err == "\ndemo.py: stopped\n", err
+
+
+def test_demo_py_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path):
+    process, url = start_demo("--model", "emoji")
+    try:
+        assert url.startswith("http://127.0.0.1:")  # loopback unless --host says otherwise
+        assert json.loads(http_request(f"{url}/info")[2])["networks"] == {"student": "MobileStyleGAN student"}
+        assert http_request(f"{url}/render?seed=1&psi=1&noise=const&net=teacher")[2] == \
+            b"error: no teacher: start demo.py with --compare TEACHER\n"
+    finally:
+        stop_demo(process)
+    other_teacher = tmp_path / "teacher16.pt"
+    msgan.save(other_teacher, generator=msgan.Generator(dict(arch="stylegan2", z_dim=16, w_dim=16, mapping_layers=1,
+                                                             channels=[16, 16, 16, 16])))
+    for args, status, says in ((["--model", tmp_path / "missing.pt"], 1, "missing.pt"),
+                               (["--model", "emoji", "--compare", other_teacher], 1, "not the same W+ space"),
+                               (["--host", "localhost"], 2, "not an IP address"),
+                               (["--port", "70000"], 2, "--port")):
+        result = subprocess.run([sys.executable, str(DEMO_PY), *map(str, args)], capture_output=True, text=True)
+        assert result.returncode == status and says in result.stderr and "Traceback" not in result.stderr, args
+        last = result.stderr.splitlines()[-1]  # argparse's usage above it, for a bad flag
+        assert last.startswith("demo.py: error:") and (status == 2 or result.stderr.count("\n") == 1), result.stderr
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]  # a closed network: no calls home
+READ_PIXELS = """async (id) => {
+    const img = document.getElementById(id);
+    for (let attempt = 0; ; attempt++) {  // a newer frame may replace the image while it is decoded
+        try { await img.decode(); break; } catch (error) { if (attempt === 100) throw error; }
+        await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const canvas = Object.assign(document.createElement("canvas"), {width: img.naturalWidth, height: img.naturalHeight});
+    const context = canvas.getContext("2d");
+    context.drawImage(img, 0, 0);
+    return Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data);
+}"""
+
+
+def test_demo_in_a_real_browser(tmp_path):
+    """Headless Chromium on `python demo.py --model emoji --compare emoji-teacher`: teacher and student side by side,
+    both change with the seed and with psi, the animation advances, save PNG downloads the frame, and the console
+    has no errors. The screenshot of the README is this test's (MSGAN_UPDATE_SCREENSHOT=1 writes it to assets/)."""
+    if CHROMIUM is None:
+        pytest.skip("no Chromium here (Debian: apt-get install chromium)")
+    sync_playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright").sync_playwright
+    process, url = start_demo("--model", "emoji", "--compare", "emoji-teacher")
+    errors = []
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 640})
+            page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+            page.wait_for_function("Number(document.body.dataset.frames) >= 1")
+            student, teacher = page.locator("#img-student").bounding_box(), page.locator("#img-teacher").bounding_box()
+            assert student["width"] >= 256 and teacher["x"] >= student["x"] + student["width"]  # side by side
+
+            def pixels():
+                return {net: page.evaluate(READ_PIXELS, f"img-{net}") for net in ("student", "teacher")}
+
+            def after(change):
+                before = pixels()
+                change()
+                deadline = time.time() + 30
+                now = pixels()
+                while any(now[net] == before[net] for net in now) and time.time() < deadline:
+                    page.wait_for_timeout(50)
+                    now = pixels()
+                return before, now
+            before, now = after(lambda: page.fill("#seed", "11"))
+            assert all(now[net] != before[net] for net in now), "the seed does not change the images"
+            before, now = after(lambda: page.locator("#psi").evaluate(
+                "slider => { slider.value = 0.4; slider.dispatchEvent(new Event('input')); }"))
+            assert all(now[net] != before[net] for net in now), "psi does not change the images"
+            frames = int(page.evaluate("document.body.dataset.frames"))
+            page.click("#animate")
+            seen, deadline = set(), time.time() + 30
+            while (len(seen) < 5 or int(page.evaluate("document.body.dataset.frames")) < frames + 10) \
+                    and time.time() < deadline:
+                seen.add(str(pixels()["student"]))
+                page.wait_for_timeout(100)
+            page.click("#animate")
+            assert int(page.evaluate("document.body.dataset.frames")) >= frames + 10 and len(seen) >= 5
+            page.fill("#seed", "11")
+            page.locator("#psi").evaluate("slider => { slider.value = 1; slider.dispatchEvent(new Event('input')); }")
+            page.wait_for_timeout(1000)
+            with page.expect_download() as download:
+                page.click("#save")
+            saved = np.asarray(Image.open(download.value.path()))
+            assert saved.shape == (32, 32, 3)
+            assert saved.tolist() == np.array(pixels()["student"]).reshape(32, 32, 4)[:, :, :3].tolist()
+            shot = REPO / "assets" / "demo.png" if os.environ.get("MSGAN_UPDATE_SCREENSHOT") == "1" else \
+                tmp_path / "demo.png"
+            page.screenshot(path=str(shot))
+            browser.close()
+    finally:
+        stop_demo(process)
+    assert errors == []
 
 
 # ----------------------------------------------------------------------------------------------
