@@ -3,6 +3,7 @@
     python demo.py                                         # the FFHQ student on http://127.0.0.1:8000
     python demo.py --model emoji --compare emoji-teacher   # the emoji student beside its teacher (offline)
     python demo.py --port 8080                             # another port (0: any free one)
+    python demo.py --w out/project-me/code.pt              # start from a projection (train.py project)
 
 The page (assets/demo.html: plain HTML and JavaScript, no build step, nothing fetched from elsewhere) shows the
 image of a seed, with truncation psi, noise mode and style mixing; it redraws while a slider is dragged,
@@ -14,7 +15,8 @@ The server (the standard library's http.server) answers three paths:
     GET /render      one frame as a PNG; its network's time in the X-Render-Ms header. Parameters:
                      seed, psi, noise (const|random|none); optional mix (none|coarse|middle|fine) with mix_seed,
                      walk (a position on the walk through W that starts at the seed), net (student|teacher),
-                     client (an id: of one client's frames, only the newest is drawn)
+                     projection (1: the --w code instead of the seed), client (an id: of one client's frames,
+                     only the newest is drawn)
 One frame is drawn at a time. A frame of a client that sent a newer one while it waited is dropped (204), so
 dragging a slider never builds a backlog. A bad or missing parameter is a 400 with a one-line reason, an unknown
 path a 404, a request body or method the server has no use for a 4xx; nothing the client sends ever becomes a
@@ -40,14 +42,13 @@ import torch
 import formats
 import msgan
 import ops
-from sample import compare_inputs, int_in, seeded_inputs, to_uint8
+from sample import MIX_SLOTS, compare_inputs, int_in, mix_styles, seeded_inputs, to_uint8
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo.html")
 DEFAULT_PORT = 8000
 SEED_MAX = 2**32 - 1      # the page draws random seeds below 2**32 (JavaScript numbers are exact there)
 PSI_RANGE = (-1.0, 2.0)   # truncation psi; the page's slider spans it
 WALK_MAX = 1e6            # positions on the walk through W: keys passed, one per seed
-MIX_SLOTS = {"coarse": (0, 3), "middle": (3, 7), "fine": (7, None)}  # W+ slots of 4-8 px, 16-32 px, 64 px and up
 CLIENT_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 MAX_CLIENT_ID = 64        # characters
 MAX_CLIENTS = 1024        # clients whose newest frame is remembered
@@ -111,6 +112,7 @@ FRAME_PARAMETERS = {  # name -> (parser, default)
     "mix_seed": (integer(0, SEED_MAX), 0),
     "walk": (number(0, WALK_MAX), 0.0),
     "net": (choice("student", "teacher"), "student"),
+    "projection": (choice("0", "1"), "0"),
     "client": (client_id, ""),
 }
 
@@ -146,13 +148,13 @@ def catmull_rom(p0, p1, p2, p3, t):
 class Renderer:
     """The student (folded: the inference path) and, with --compare, a teacher drawn from the same W+ and noise."""
 
-    def __init__(self, G, teacher=None, name="", teacher_name=""):
+    def __init__(self, G, teacher=None, name="", teacher_name="", code=None):
         if teacher is not None and (teacher.z_dim, teacher.w_dim, teacher.num_ws) != (G.z_dim, G.w_dim, G.num_ws):
             raise ValueError(f"--compare {teacher_name}: its z_dim, w_dim and num_ws differ from {name}'s: not the "
                              "same W+ space")
         self.G, self.teacher = G.fold().requires_grad_(False), teacher
         self.device = G.w_avg.device
-        self.name, self.teacher_name = name, teacher_name
+        self.name, self.teacher_name, self.code = name, teacher_name, code
 
     def info(self):
         nets = {"student": self.G} if self.teacher is None else {"student": self.G, "teacher": self.teacher}
@@ -161,7 +163,7 @@ class Renderer:
                                                       "StyleGAN2 teacher" for name, net in nets.items()},
                 "mix_slots": {group: [min(first, self.G.num_ws), min(last or self.G.num_ws, self.G.num_ws)]
                               for group, (first, last) in MIX_SLOTS.items()},
-                "seed_max": SEED_MAX, "psi_range": PSI_RANGE}
+                "seed_max": SEED_MAX, "psi_range": PSI_RANGE, "projection": self.code is not None}
 
     def w(self, seed):
         z, _ = seeded_inputs(self.G, [seed % (SEED_MAX + 1)], "const", self.device)
@@ -170,17 +172,23 @@ class Renderer:
     @torch.no_grad()
     def frame_inputs(self, p):
         """(ws [1, num_ws, w_dim], noise) of a frame: the seed's w, or the point `walk` on a smooth path through the
-        w of seed, seed + 1, ..., truncated, with the mix seed's w in the mixed group's slots."""
+        w of seed, seed + 1, ..., or the projection's code; truncated, with the mix seed's w in the mixed group's
+        slots."""
         k, t = divmod(p["walk"], 1.0)
-        if p["walk"]:
-            w = catmull_rom(*(self.w(p["seed"] + int(k) + i) for i in (-1, 0, 1, 2)), t)
+        if p["projection"] == "1":
+            if self.code is None:
+                raise BadRequest(400, "no projection: start demo.py with --w CODE")
+            ws = self.code["ws"].to(self.device)
+        elif p["walk"]:
+            ws = catmull_rom(*(self.w(p["seed"] + int(k) + i) for i in (-1, 0, 1, 2)), t)[:, None]
         else:
-            w = self.w(p["seed"])
-        ws = w[:, None].repeat(1, self.G.num_ws, 1)
+            ws = self.w(p["seed"])[:, None]
+        ws = ws.expand(1, self.G.num_ws, -1)
         if p["mix"] != "none":
-            first, last = MIX_SLOTS[p["mix"]]
-            ws[:, first:last] = self.w(p["mix_seed"])[:, None]
+            ws = mix_styles(ws, self.w(p["mix_seed"]), p["mix"])
         _, noise = compare_inputs(self.G, self.teacher, [p["seed"]], p["noise"], self.device)
+        if p["projection"] == "1" and self.code["noise"] is not None:
+            noise = [n.to(self.device) for n in self.code["noise"]]
         return self.G.truncate(ws, p["psi"]), noise
 
     @torch.no_grad()
@@ -188,6 +196,8 @@ class Renderer:
         """(PNG bytes, milliseconds the network took) of one frame."""
         if p["net"] == "teacher" and self.teacher is None:
             raise BadRequest(400, "no teacher: start demo.py with --compare TEACHER")
+        if p["net"] == "teacher" and p["projection"] == "1" and self.code["noise"] is not None:
+            raise BadRequest(400, "the projection's noise maps are the student's: the teacher cannot draw them")
         G = self.teacher if p["net"] == "teacher" else self.G
         ws, noise = self.frame_inputs(p)
         start = time.perf_counter()
@@ -367,6 +377,7 @@ def main(argv=None):
                         "machine only; 0.0.0.0 serves everyone who can reach it, without authentication)")
     parser.add_argument("--port", type=int_in(0, 65535), default=DEFAULT_PORT, help="port (default 8000; 0: any "
                         "free one)")
+    parser.add_argument("--w", metavar="CODE", help="a projection (train.py project) the page can start from")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
@@ -396,8 +407,9 @@ def start(args):
     """The server of the command line's model, its first frames drawn (the first call of a network is slow)."""
     G = msgan.load(args.model, device=args.device)
     teacher = msgan.load(args.compare, device=args.device, part="teacher") if args.compare else None
+    code = args.w and formats.read_projection(args.w, G.num_ws, G.w_dim, G.synthesis.noise_resolutions)
     renderer = Renderer(G, teacher, os.path.basename(str(args.model)),
-                        os.path.basename(str(args.compare)) if args.compare else "")
+                        os.path.basename(str(args.compare)) if args.compare else "", code)
     for net in ("student", "teacher") if teacher is not None else ("student",):
         renderer.render(frame_parameters(f"seed=0&psi=1&noise=const&net={net}"))
     with open(PAGE, "rb") as f:

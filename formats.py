@@ -410,6 +410,37 @@ def _check_discriminator_config(config, path, what):
 
 
 # ----------------------------------------------------------------------------------------------
+# Projections (train.py project): {"format": "msgan-projection", "version": 1, "ws": [1, num_ws, w_dim],
+# "noise": a list of [1, 1, r, r] maps or None, "psnr_db", "step", ...what train.py adds to continue it}
+
+PROJECTION_NAME = "msgan-projection"
+
+
+def write_projection(path, code, **extra):
+    """Write a projection's code atomically; loadable with weights_only=True."""
+    atomic_save({"format": PROJECTION_NAME, "version": FORMAT_VERSION, **code, **extra}, path)
+
+
+def read_projection(path, num_ws, w_dim, noise_resolutions):
+    """A projection file's code, checked to fit a generator of that geometry: {"ws", "noise", ...}."""
+    code = read_checkpoint(path)
+    if code.get("format") != PROJECTION_NAME:
+        raise CheckpointError(f"{path}: not a projection (train.py project writes code.pt)")
+    ws, noise = code.get("ws"), code.get("noise")
+    if not (isinstance(ws, torch.Tensor) and ws.is_floating_point() and tuple(ws.shape) == (1, num_ws, w_dim)):
+        raise CheckpointError(f"{path}: ws is {_short(getattr(ws, 'shape', ws))}, expected a float tensor "
+                              f"[1, {num_ws}, {w_dim}] (a projection into another model?)")
+    if noise is not None and not (isinstance(noise, list) and len(noise) == len(noise_resolutions) and all(
+            isinstance(n, torch.Tensor) and n.is_floating_point() and tuple(n.shape) == (1, 1, r, r)
+            for n, r in zip(noise, noise_resolutions))):
+        raise CheckpointError(f"{path}: noise is not a list of {len(noise_resolutions)} maps of this model's sizes")
+    for what, tensor in [("ws", ws), *(("noise", n) for n in noise or [])]:
+        if not torch.isfinite(tensor).all() or tensor.abs().max() > MAX_ABS_VALUE:
+            raise CheckpointError(f"{path}: {what} holds non-finite or absurd values")
+    return {**code, "ws": ws.float(), "noise": None if noise is None else [n.float() for n in noise]}
+
+
+# ----------------------------------------------------------------------------------------------
 # rosinality/stylegan2-pytorch and official MobileStyleGAN checkpoints: tensors renamed to msgan's keys, the
 # geometry read from their shapes
 

@@ -4,6 +4,8 @@
     python sample.py --seeds 0-7 --trunc 0.7       # seeds 0..7, truncation psi 0.7
     python sample.py --model ckpt.pt --compare teacher.pt --seeds 0-3   # teacher | student pairs
     python sample.py --interpolate --seeds 0-4     # looping GIF through the seeds' w codes
+    python sample.py --w out/project-me/code.pt --trunc 0.7              # a projection (train.py project), truncated
+    python sample.py --w code.pt --mix coarse --seeds 0-7                # ... its coarse styles from each seed
     python sample.py --bench                       # speed table: teacher and student paths, 256 and 1024 px
 
 Image k of seed s is the same on every run: z (and, with --noise-mode random, the noise) comes from a
@@ -39,6 +41,7 @@ MAX_IMAGES = 1_000_000   # -n / --seeds: a million 1024x1024 PNGs fill about 1.5
 MAX_BATCH = 1024         # a larger batch is no faster, only closer to running out of memory
 MAX_GIF_FRAMES = 3000    # all frames of --interpolate (2 minutes at 25 fps, ~600 MB) are held until written
 SEED_LIMIT = 2**64       # torch.Generator seeds are unsigned 64-bit integers
+MIX_SLOTS = {"coarse": (0, 3), "middle": (3, 7), "fine": (7, None)}  # W+ slots of 4-8 px, 16-32 px, 64 px and up
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,12 +81,26 @@ def compare_inputs(G, teacher, seeds, noise_mode, device):
     return z, noise
 
 
+def mix_styles(ws, w, group):
+    """ws [B, num_ws, w_dim] with w [B, w_dim] in the slots of the style-mixing group ("coarse", ...)."""
+    first, last = MIX_SLOTS[group]
+    ws = ws.clone()
+    ws[:, first:last] = w[:, None]
+    return ws
+
+
 @torch.no_grad()
-def render(G, seeds, psi, noise_mode, device, teacher=None):
+def render(G, seeds, psi, noise_mode, device, teacher=None, code=None, mix=None):
     """One batch: (images [B, H, W, 3] uint8, PSNRs or Nones). With a teacher: teacher | student side by side,
-    and the student's PSNR in dB against the teacher (images clamped to [-1, 1])."""
+    and the student's PSNR in dB against the teacher (images clamped to [-1, 1]). With a projection's code: its
+    W+ (and noise), the seeds' w in the slots of the `mix` group if one is given."""
     z, noise = compare_inputs(G, teacher, seeds, noise_mode, device)
-    img = G.synthesis(G.truncate(G.mapping(z), psi), noise=noise, noise_mode=noise_mode)
+    w = G.mapping(z)                                                               # [B, w_dim]
+    if code is not None:
+        ws = code["ws"].to(device).expand(len(seeds), -1, -1)
+        w = mix_styles(ws, w, mix) if mix else ws
+        noise = noise if code["noise"] is None else [n.to(device) for n in code["noise"]]
+    img = G.synthesis(G.truncate(w, psi), noise=noise, noise_mode=noise_mode)
     if teacher is None:
         return to_uint8(img), [None] * len(seeds)
     ref = teacher.synthesis(teacher.truncate(teacher.mapping(z), psi), noise=noise, noise_mode=noise_mode)
@@ -105,8 +122,9 @@ def worker_split(batches, compiled):
     return workers, max(1, cores // workers)
 
 
-def write_samples(G, seeds, args, device, teacher=None, progress=None):
-    """seed{s:04d}.png for every seed in args.outdir; returns (the grid's tiles, the PSNRs or Nones), in seed order.
+def write_samples(G, seeds, args, device, teacher=None, progress=None, code=None):
+    """seed{s:04d}.png for every seed in args.outdir (with a projection's code: code.png, or with --mix
+    code-{mix}-seed{s:04d}.png); returns (the grid's tiles, the PSNRs or Nones), in seed order.
 
     Batches are rendered by a few worker threads at once (worker_split), each writing its own PNGs, at most one
     batch per worker in flight: memory is flat in the number of seeds.
@@ -115,9 +133,11 @@ def write_samples(G, seeds, args, device, teacher=None, progress=None):
     workers, threads = worker_split(len(batches), args.compile)
 
     def job(index):
-        arrays, psnrs = render(G, batches[index], args.trunc, args.noise_mode, device, teacher)
+        arrays, psnrs = render(G, batches[index], args.trunc, args.noise_mode, device, teacher, code, args.mix)
         for seed, array in zip(batches[index], arrays):
-            formats.save_png(array, os.path.join(args.outdir, f"seed{seed:04d}.png"))
+            name = f"seed{seed:04d}.png" if code is None else f"code-{args.mix}-seed{seed:04d}.png" if args.mix \
+                else "code.png"
+            formats.save_png(array, os.path.join(args.outdir, name))
         first = index * args.batch
         return [grid_tile(array) for array in arrays[:max(GRID_MAX_IMAGES - first, 0)]], psnrs
 
@@ -235,21 +255,16 @@ def parse_seeds(text):
 
 
 class Progress:
-    """One stderr line, rewritten in place; `open` while it still needs its newline."""
+    """One stderr line, rewritten in place; `newline` is what an error message needs in front of it."""
 
     def __init__(self, total, what):
-        self.total, self.what, self.start, self.open = total, what, time.time(), False
+        self.total, self.what, self.start, self.newline = total, what, time.time(), ""
 
     def update(self, done):
         rate = (time.time() - self.start) / max(done, 1)
-        self.open = done < self.total
+        self.newline = "\n" if done < self.total else ""
         print(f"\r{self.what} {done}/{self.total}  {rate:.2f} s/image  ETA {rate * (self.total - done):.0f} s",
-              end="" if self.open else "\n", file=sys.stderr, flush=True)
-
-
-def newline(progress):
-    """What an error message needs in front of it: a newline if a progress line is still open."""
-    return "\n" if progress is not None and progress.open else ""
+              end="" if self.newline else "\n", file=sys.stderr, flush=True)
 
 
 def main(argv=None):
@@ -267,6 +282,8 @@ def main(argv=None):
     parser.add_argument("--compare", metavar="TEACHER",
                         help="also run this file's StyleGAN2 teacher: writes teacher | student pairs, prints the PSNR")
     parser.add_argument("--interpolate", action="store_true", help="write a looping GIF through the seeds")
+    parser.add_argument("--w", metavar="CODE", help="draw a projection's code (train.py project) instead of seeds")
+    parser.add_argument("--mix", choices=list(MIX_SLOTS), help="with --w: each seed's w drives these styles")
     parser.add_argument("--frames", type=int_in(1, MAX_GIF_FRAMES), default=24, help="GIF frames per seed transition")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the synthesis network (falls back to eager with a warning)")
@@ -280,6 +297,12 @@ def main(argv=None):
     if args.seeds is None and args.seed + count > SEED_LIMIT:
         parser.error("--seed plus -n: seeds must be below 2**64")
     seeds = args.seeds or list(range(args.seed, args.seed + count))
+    if args.mix and not args.w:
+        parser.error("--mix goes with --w (a projection whose styles the seeds replace)")
+    if args.w and (args.interpolate or args.compare):
+        parser.error("--w draws a projection: not with --interpolate or --compare")
+    if args.w and not args.mix:
+        seeds = seeds[:1]  # one image: the code's
     if args.interpolate and len(seeds) * args.frames > MAX_GIF_FRAMES:
         parser.error(f"--interpolate: {len(seeds)} seeds x {args.frames} frames is more than {MAX_GIF_FRAMES} frames")
 
@@ -297,6 +320,7 @@ def main(argv=None):
         G = msgan.load(args.model, device=device).fold()
         G.synthesis = ops.maybe_compile(G.synthesis, args.compile, lambda text: print(text, file=sys.stderr))
         teacher = msgan.load(args.compare, device=device, part="teacher") if args.compare else None
+        code = args.w and formats.read_projection(args.w, G.num_ws, G.w_dim, G.synthesis.noise_resolutions)
         if teacher is not None and teacher.z_dim != G.z_dim:
             raise ValueError(f"--compare: teacher z_dim {teacher.z_dim} != model z_dim {G.z_dim}")
         os.makedirs(args.outdir, exist_ok=True)
@@ -307,17 +331,17 @@ def main(argv=None):
             print(f"wrote {path}")
             return 0
         progress = Progress(len(seeds), "images")
-        tiles, psnrs = write_samples(G, seeds, args, device, teacher, progress)  # only small tiles are kept
+        tiles, psnrs = write_samples(G, seeds, args, device, teacher, progress, code)  # only small tiles are kept
         save_image(make_grid(tiles), os.path.join(args.outdir, "grid.jpg"), quality=90)
         print(f"wrote {len(seeds)} images and grid.jpg to {os.path.abspath(args.outdir)}")
         if teacher is not None:
             print(f"student vs teacher: PSNR {statistics.mean(psnrs):.2f} dB (mean of {len(psnrs)} images, "
                   f"min {min(psnrs):.2f})")
     except (msgan.CheckpointError, msgan.DownloadError, ValueError, OSError) as e:
-        print(f"{newline(progress)}sample.py: error: {e}", file=sys.stderr)
+        print(f"{progress.newline if progress else ''}sample.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{newline(progress)}sample.py: interrupted", file=sys.stderr)
+        print(f"{progress.newline if progress else ''}sample.py: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -38,6 +39,7 @@ import fid
 import formats
 import msgan
 import ops
+import sample
 from sample import finite_float, int_in, psnr
 
 DEFAULT_TEACHER = "emoji-teacher"
@@ -595,12 +597,10 @@ def load_teacher(src, device):
     return teacher.requires_grad_(False)
 
 
-def load_vgg(args, device, log):
-    """VGG16 for the perceptual loss, or None (weight 0, or weights unavailable: one warning)."""
-    if args.perceptual == 0:
-        return None
+def load_vgg(path, device, log):
+    """VGG16 for the perceptual loss, or None when its weights are unavailable (one warning)."""
     try:
-        return fid.load_vgg16(args.vgg).to(device)
+        return fid.load_vgg16(path).to(device)
     except fid.FIDError as e:
         log(f"warning: perceptual loss off: VGG16 weights unavailable ({e})")
         return None
@@ -612,7 +612,7 @@ def build_networks(args, resume, device, log):
     if args.mode == "distill":
         teacher = (msgan.load(args.resume, device=device, part="teacher").requires_grad_(False) if resume
                    else load_teacher(args.teacher, device))
-        task = Distillation(teacher, load_vgg(args, device, log), args)
+        task = Distillation(teacher, load_vgg(args.vgg, device, log) if args.perceptual > 0 else None, args)
         resolution, channels = teacher.img_resolution, teacher.synthesis.channels
 
         def fresh_generator():
@@ -891,6 +891,229 @@ class Run:
                    source=f"train.py {args.mode}, step {self.step}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Projection: a photograph into a generator's W+ (`python train.py project PHOTO`), as StyleGAN2's projector:
+# Adam on the code from w_avg with a warm-up and a cosine cool-down, optionally the noise maps too.
+
+PROJECT_STEPS = 600         # the FFHQ student: about 7 minutes on 2 CPU cores, compiled (README)
+PROJECT_LR = 0.2            # peak learning rate of the code
+PROJECT_RAMP = (0.05, 0.25)  # fractions of the steps: linear warm-up, cosine cool-down
+PROJECT_SIZE = 256          # the photo and the image are compared at this size (or the model's, if smaller)
+PROJECT_L1 = 3.0            # weight of the L1 terms (pixels, and Haar details at every scale) beside the L2
+PROJECT_NOISE_REG = 1e5     # weight of the optimised noise maps' autocorrelation (StyleGAN2's)
+PROJECT_MIN_PHOTO = 32      # pixels a side: a smaller photo holds no face to project
+PROJECT_GIF_FRAMES = 24     # the animation of the optimisation
+MAX_PROJECT_STEPS = 100_000
+
+
+def projection_loss(img, target, vgg=None):
+    """L2 + L1 of the pixels and L1 of the Haar detail coefficients at every scale down to 8 px: edges weigh as
+    much as flat areas (with pixel terms alone a projection is a smooth blur). + the VGG16 distance, with vgg."""
+    details, x, y = 0, img, target
+    while x.shape[-1] > 8:
+        wx, wy = ops.img_to_wavelets(x), ops.img_to_wavelets(y)          # [B, 12, S/2, S/2]
+        details = details + F.l1_loss(wx[:, 3:], wy[:, 3:])
+        x, y = wx[:, :3] / 2, wy[:, :3] / 2                               # the low band: the image at half size
+    loss = F.mse_loss(img, target) + PROJECT_L1 * (F.l1_loss(img, target) + details)
+    return loss if vgg is None else loss + msgan.perceptual_loss(img, target, vgg)
+
+
+def noise_autocorrelation(noise):
+    """StyleGAN2's regulariser of optimised noise maps: their squared autocorrelation at a shift of one pixel,
+    at every scale down to 8 px (noise that carries the image would be correlated)."""
+    total = 0
+    for n in noise:
+        while n.shape[-1] > 8:
+            total = total + (n * n.roll(1, 3)).mean() ** 2 + (n * n.roll(1, 2)).mean() ** 2
+            n = F.avg_pool2d(n, 2)
+    return total
+
+
+def projection_lr(t, peak):
+    """The learning rate at progress t in [0, 1): linear warm-up, flat, cosine cool-down to 0."""
+    up, down = PROJECT_RAMP
+    return peak * min(1.0, t / up) * (0.5 - 0.5 * math.cos(math.pi * min(1.0, (1 - t) / down)))
+
+
+def project(G, target, steps=PROJECT_STEPS, space="w+", optimize_noise=False, vgg=None, lr=PROJECT_LR,
+            compile=False, seed=0, resume=None, on_step=None, log=print):
+    """The W+ code (with optimize_noise, and the noise maps) whose image is closest to `target`.
+
+        G = msgan.load("ffhq")
+        photo = formats.read_image("face.jpg", 256)[None] / 127.5 - 1            # [1, 3, 256, 256] in [-1, 1]
+        code = train.project(G, photo)
+        img = G.synthesis(code["ws"], noise=code["noise"])                       # [1, 3, 1024, 1024]
+
+    target: [1, 3, S, S] in [-1, 1]; the image is box-filtered from G's resolution R to S (R/S a power of 2)
+    and compared by projection_loss. space "w": one w for every slot; "w+": one per slot. The code starts at
+    w_avg, noise maps (optimised: kept at mean 0, std 1) from `seed`. Returns the best step's code: {"ws"
+    [1, num_ws, w_dim], "noise" (a list, or None: the model's const noise), "psnr_db" (at S), "step", "steps",
+    "space", "state": what `resume` takes to continue}. on_step(code, step, loss, psnr) runs after each step
+    and may return True to stop early. G's parameters are frozen.
+    """
+    G.requires_grad_(False)
+    factor = G.img_resolution // target.shape[-1]
+    synthesis = ops.maybe_compile(G.synthesis, compile, log or (lambda line: None))
+    if resume is None:
+        w = G.w_avg.detach()[None, None].repeat(1, 1 if space == "w" else G.num_ws, 1)   # [1, 1 or num_ws, w_dim]
+        generator = torch.Generator().manual_seed(seed)
+        noise = [torch.randn(1, 1, r, r, generator=generator).to(target)
+                 for r in G.synthesis.noise_resolutions] if optimize_noise else None
+        start, best = 0, {"psnr_db": -math.inf}
+    else:
+        state = resume["state"]
+        w, noise, start = state["w"].clone(), state["noise"] and [n.clone() for n in state["noise"]], state["step"]
+        best = {k: resume[k] for k in ("ws", "noise", "psnr_db", "step")}
+    parameters = [w.requires_grad_(True)] + [n.requires_grad_(True) for n in noise or []]
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    if resume is not None:
+        optimizer.load_state_dict(resume["state"]["optimizer"])
+    code = {**best, "steps": steps, "space": space}
+    for step in range(start, steps):
+        for group in optimizer.param_groups:
+            group["lr"] = projection_lr(step / steps, lr)
+        ws = w.expand(-1, G.num_ws, -1)
+        img = synthesis(ws, noise=noise, noise_mode="const")
+        img = F.avg_pool2d(img, factor) if factor > 1 else img                       # [1, 3, S, S]
+        loss = projection_loss(img, target, vgg)
+        if noise is not None:
+            loss = loss + PROJECT_NOISE_REG * noise_autocorrelation(noise)
+        psnr_db = psnr(img, target).item()
+        if psnr_db > best["psnr_db"]:  # the image of the code before this step's update
+            best = {"ws": ws.detach().clone(), "noise": noise and [n.detach().clone() for n in noise],
+                    "psnr_db": psnr_db, "step": step}
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if noise is not None:
+            with torch.no_grad():
+                for n in noise:
+                    n.sub_(n.mean()).div_(n.std())
+        code = {**best, "steps": steps, "space": space, "state": {
+            "w": w.detach(), "noise": noise and [n.detach() for n in noise], "optimizer": optimizer.state_dict(),
+            "step": step + 1}}
+        if on_step is not None and on_step(code, step, loss.item(), psnr_db):
+            break
+    return code
+
+
+def project_parser():
+    parser = argparse.ArgumentParser(prog="train.py project", description="Project a photograph into a "
+                                     "generator's W+: the code whose image matches it, to re-render, edit or mix.")
+    parser.add_argument("photo", help="image file (centre-cropped to a square, resized to the model's resolution)")
+    parser.add_argument("--model", default="ffhq", help="generator: pretrained name or checkpoint (default ffhq)")
+    parser.add_argument("--steps", type=int_in(1, MAX_PROJECT_STEPS), default=PROJECT_STEPS)
+    parser.add_argument("--space", choices=["w", "w+"], default="w+", help="one w for every slot, or one per slot")
+    parser.add_argument("--noise", action=argparse.BooleanOptionalAction, default=True,
+                        help="also optimise the noise maps, regularised (default on: the eyes and mouth come out "
+                        "sharper)")
+    parser.add_argument("--lr", type=nonnegative_float, default=PROJECT_LR, help="peak learning rate")
+    parser.add_argument("--outdir", help="where the results go (default out/project-<photo name>)")
+    parser.add_argument("--resume", metavar="CODE", help="a code.pt to continue (to --steps)")
+    parser.add_argument("--vgg", help="VGG16 weight file for a perceptual term (default: the torch hub cache)")
+    parser.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="of the noise maps' start")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile the synthesis (default on: 3x faster steps after about a minute)")
+    parser.add_argument("--log-every", type=positive_int, default=25, help="steps between progress lines")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def read_photo(path, res, log):
+    """The photo as [1, 3, res, res] in [-1, 1] (centre-cropped); one warning for a mode that is converted."""
+    try:
+        with Image.open(path) as im:
+            mode, size = im.mode, im.size
+        photo = formats.read_image(path, res)
+    except FileNotFoundError:
+        raise TrainError(f"{path}: no such file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise TrainError(f"{path}: not an image Pillow can read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if min(size) < PROJECT_MIN_PHOTO:
+        raise TrainError(f"{path}: {size[0]}x{size[1]} pixels, too small to project (at least {PROJECT_MIN_PHOTO} a side)")
+    converted = {"L": "greyscale", "LA": "greyscale", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit",
+                 "I": "16-bit", "RGBA": "transparent (composited on white)", "P": "palette"}.get(mode)
+    if converted:
+        log(f"warning: {path} is {converted}: projected as the RGB image it converts to")
+    if size[0] != size[1]:
+        log(f"{path}: {size[0]}x{size[1]}, the centre {min(size)}x{min(size)} square projected")
+    return photo[None].float() / 127.5 - 1
+
+
+def run_projection(argv, log=functools.partial(print, flush=True)):
+    args = project_parser().parse_args(argv)
+    stem = os.path.splitext(os.path.basename(args.photo))[0]
+    args.outdir = args.outdir or os.path.join("out", f"project-{stem}")
+    code_path = os.path.join(args.outdir, "code.pt")
+    G = msgan.load(args.model, device=args.device)
+    size = min(PROJECT_SIZE, G.img_resolution)
+    target = read_photo(args.photo, size, log).to(args.device)
+    shown = read_photo(args.photo, G.img_resolution, lambda line: None)
+    resume = None
+    if args.resume:
+        resume = formats.read_projection(args.resume, G.num_ws, G.w_dim, G.synthesis.noise_resolutions)
+        if "state" not in resume or resume.get("size") != size:
+            raise TrainError(f"--resume {args.resume}: not a projection of this model at {size}x{size}")
+        if resume["state"]["step"] >= args.steps:
+            raise TrainError(f"--resume {args.resume}: already at step {resume['state']['step']}; give more --steps")
+        args.space, args.noise = resume["space"], resume["noise"] is not None
+    elif os.path.exists(code_path):
+        raise TrainError(f"--outdir {args.outdir} already holds a projection (code.pt): continue it with "
+                         f"--resume {code_path}, or choose another --outdir")
+    try:
+        os.makedirs(args.outdir, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"--outdir {args.outdir} is not writable ({e.strerror or e})") from None
+    vgg = load_vgg(args.vgg, args.device, log)
+    frames, started = [], time.time()
+
+    def save(code):
+        formats.write_projection(code_path, code, model=str(args.model), photo=os.path.abspath(args.photo),
+                                 size=size)
+
+    def on_step(code, step, loss, psnr_db):
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps or stop.requested:
+            rate = (time.time() - started) / (done - (resume["state"]["step"] if resume else 0))
+            log(f"step {done}/{args.steps}  loss {loss:.4f}  psnr {psnr_db:.2f} dB  best {code['psnr_db']:.2f}  "
+                f"{rate:.2f} s/step  ETA {format_duration(rate * (args.steps - done))}")
+            save(code)
+        if done % max(1, args.steps // PROJECT_GIF_FRAMES) == 0:
+            frames.append(render_code(G, code, min(G.img_resolution, PROJECT_SIZE)))
+        return stop.requested
+
+    log(f"project: {args.photo} into {args.model} ({G.img_resolution}x{G.img_resolution}, {args.space}"
+        f"{', noise' if args.noise else ''}), compared at {size}x{size}, {args.steps} steps, out {args.outdir}")
+    with StopFlag() as stop:
+        code = project(G, target, args.steps, args.space, args.noise, vgg, args.lr, args.compile, args.seed, resume,
+                       on_step, log)
+    if "ws" not in code:  # stopped before the first step
+        raise TrainError("stopped before the first step: nothing to write")
+    save(code)
+    image = render_code(G, code, G.img_resolution)
+    formats.save_png(image, os.path.join(args.outdir, "projection.png"))
+    side = min(G.img_resolution, 2 * PROJECT_SIZE)
+    photo = sample.to_uint8(F.interpolate(shown, size=side, mode="area") if side < G.img_resolution else shown)[0]
+    formats.save_png(np.concatenate([photo, render_code(G, code, side)], axis=1),
+                     os.path.join(args.outdir, "side_by_side.png"))
+    if frames:
+        gif = [Image.fromarray(frame) for frame in frames]
+        sample.save_image(gif[0], os.path.join(args.outdir, "progress.gif"), save_all=True, append_images=gif[1:],
+                          duration=sample.GIF_FRAME_MS * 3, loop=0)
+    verb = "done" if code["state"]["step"] >= args.steps else f"stopped at step {code['state']['step']}"
+    log(f"{verb}: PSNR {code['psnr_db']:.2f} dB at {size}x{size} (step {code['step']}); {args.outdir}: code.pt, "
+        f"projection.png, side_by_side.png, progress.gif\nre-render it: python sample.py --model {args.model} "
+        f"--w {code_path}" + ("" if verb == "done" else f"\ncontinue: python train.py project {args.photo} --model "
+                                f"{args.model} --resume {code_path} --steps {args.steps}"))
+
+
+@torch.no_grad()
+def render_code(G, code, size):
+    """The image of a projection's best code, [size, size, 3] uint8 (box-filtered from G's resolution)."""
+    img = G.synthesis(code["ws"], noise=code["noise"], noise_mode="const")
+    return sample.to_uint8(F.avg_pool2d(img, G.img_resolution // size) if size < G.img_resolution else img)[0]
+
+
 def benchmark(log=functools.partial(print, flush=True)):
     """`python train.py bench`: training throughput on this machine, img/s after a warm-up step.
 
@@ -942,8 +1165,12 @@ def format_duration(seconds):
 def main(argv=None):
     ops.use_huge_pages()
     try:
-        if (sys.argv[1:] if argv is None else list(argv))[:1] == ["bench"]:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["bench"]:
             benchmark()
+            return 0
+        if argv[:1] == ["project"]:
+            run_projection(argv[1:])
             return 0
         args, _ = parse_args(argv)
         if args.outdir is None:
