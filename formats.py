@@ -4,8 +4,8 @@
     G = msgan.build(data)                                 # the network (msgan.load does both)
 
 Reads msgan's own checkpoints, rosinality/stylegan2-pytorch and official MobileStyleGAN checkpoints, NVIDIA
-StyleGAN2-ADA network pickles, and the official FFHQ-1024 model's OpenVINO IR in the `random-face` wheel. Writes
-msgan checkpoints and PNG images, each atomically. A reader returns a NetworkData: the config the network is built
+StyleGAN2-ADA network pickles, the official FFHQ-1024 model's OpenVINO IR in the `random-face` wheel, projections
+and images. Writes msgan checkpoints, projections and PNG images, each atomically. A reader returns a NetworkData: the config the network is built
 from and its tensors under msgan's key names; `checked_state` then holds the tensors against the network msgan.py
 builds on PyTorch's meta device.
 
@@ -17,9 +17,9 @@ Threat model. A file may be anything: truncated, corrupt, hand-edited or written
   only if that source's sha256 is one msgan knows computes what msgan implements (NVIDIA_SOURCES).
 - It allocates nothing it does not hold. A config is checked against MAX_* limits, and the network is built on the
   meta device first, so a file that claims a huge network is refused before memory is allocated for it.
-- It cannot make a network that computes NaN. Every tensor must be a dense float tensor of the expected shape,
-  finite, and at most MAX_ABS_VALUE in magnitude (trained weights stay below 1e3: a flipped exponent bit, 1e38, is
-  refused, not left to overflow in the first layer). Other float precisions become float32, with a warning.
+- It hands the network no absurd number. Every tensor must be a dense float tensor of the expected shape, finite,
+  and at most MAX_ABS_VALUE in magnitude (trained weights stay below 1e3): a flipped exponent bit (1e38), which
+  would overflow into NaN images, is refused. Other float precisions become float32, with a warning.
 - It never becomes a path: nothing read from a file is used to open, write or name another file.
 - Downloads are pinned. The random-face wheel and each IR file in it are checked against their published sha256
   before anything in them is parsed.
