@@ -239,6 +239,7 @@ class DemoServer(http.server.ThreadingHTTPServer):
     request_queue_size = 128  # connections the kernel holds before one is accepted
 
     def __init__(self, address, renderer, page):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
         self.renderer, self.page = renderer, page
         self.render_lock = threading.Lock()
@@ -253,7 +254,7 @@ class DemoServer(http.server.ThreadingHTTPServer):
     @property
     def url(self):
         host, port = self.server_address[:2]
-        return f"http://{'localhost' if host == '::1' else host}:{port}"
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def handle_error(self, request, client_address):
         """A connection that broke (the client went away mid-answer): one line, never a traceback."""
@@ -321,7 +322,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def drop_body(self):
         """Read and drop a request body (no request here has a use for one), so that its sender gets the answer."""
         length = self.headers.get("Content-Length", "0")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise BadRequest(400, "Content-Length is not a number")
         if int(length) > MAX_BODY:
             self.close_connection = True
