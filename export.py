@@ -373,10 +373,10 @@ def bench_runner(kind, res, path, device, onnx_path):
         options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
         return lambda w: session.run(None, {"w": w.numpy()})[0]
-    G = bench_generator(kind, res).to(device)
+    # every student path runs the folded network (the form sample.py loads): the rows differ only by their path
+    synthesis = bench_generator(kind, res).to(device).fold().synthesis
     if path == "reference":
-        return G.synthesis.forward_reference if G.is_student else G.synthesis
-    synthesis = G.fold().synthesis  # "inference" and "compiled"
+        return synthesis.forward_reference if kind == "student" else synthesis
     return synthesis if path == "inference" else torch.compile(synthesis)
 
 
