@@ -153,6 +153,7 @@ class Renderer:
             raise ValueError(f"--compare {teacher_name}: its z_dim, w_dim and num_ws differ from {name}'s: not the "
                              "same W+ space")
         self.G, self.teacher = G.fold().requires_grad_(False), teacher
+        msgan.tune_tiling(self.G, log=lambda text: print(f"demo.py: {text}", file=sys.stderr))  # once per machine
         self.device = G.w_avg.device
         self.name, self.teacher_name, self.code = name, teacher_name, code
 

@@ -36,7 +36,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -374,10 +373,13 @@ def bench_runner(kind, res, path, device, onnx_path):
         session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
         return lambda w: session.run(None, {"w": w.numpy()})[0]
     # every student path runs the folded network (the form sample.py loads): the rows differ only by their path
-    synthesis = bench_generator(kind, res).to(device).fold().synthesis
+    G = bench_generator(kind, res).to(device).fold()
     if path == "reference":
-        return synthesis.forward_reference if kind == "student" else synthesis
-    return synthesis if path == "inference" else torch.compile(synthesis)
+        return G.synthesis.forward_reference if kind == "student" else G.synthesis
+    if path == "compiled":
+        return torch.compile(G.synthesis)
+    msgan.tune_tiling(G)  # as sample.py runs it: tiles timed once per machine (cached)
+    return G.synthesis
 
 
 def bench_worker(conn, kind, res, path, device, onnx_path):
@@ -498,7 +500,7 @@ def bench_table(rows, threads):
         if "inference" in student and "reference" in student:
             lines.append(f"{res}px: inference path / reference path = "
                          f"{student['inference'] / student['reference']:.2f}")
-    machine = platform.processor() or platform.machine()
+    machine = ops.cpu_name()
     lines.append(f"({threads} threads, {machine}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')})")
     return "\n".join(lines)
 

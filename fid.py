@@ -420,9 +420,11 @@ def folder_batches(paths, batch_size):
 def load_generator(model, device):
     """msgan.load(model) with its errors as FIDError."""
     try:
-        return msgan.load(model, device=device).fold()  # a student's inference form
+        G = msgan.load(model, device=device).fold()  # a student's inference form
     except (OSError, ValueError, RuntimeError) as e:  # msgan's CheckpointError / DownloadError
         raise FIDError(f"cannot load generator: {e}") from e
+    msgan.tune_tiling(G, log=lambda text: print(f"fid.py: {text}", file=sys.stderr))  # once per machine
+    return G
 
 
 @torch.no_grad()

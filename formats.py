@@ -5,7 +5,7 @@
 
 Reads msgan's own checkpoints, rosinality/stylegan2-pytorch and official MobileStyleGAN checkpoints, NVIDIA
 StyleGAN2-ADA network pickles, the official FFHQ-1024 model's OpenVINO IR in the `random-face` wheel, projections
-and images. Writes msgan checkpoints, projections and PNG images, each atomically. A reader returns a NetworkData: the config the network is built
+and images. Writes msgan checkpoints, projections, PNG images and the tiling cache, each atomically. A reader returns a NetworkData: the config the network is built
 from and its tensors under msgan's key names; `checked_state` then holds the tensors against the network msgan.py
 builds on PyTorch's meta device.
 
@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import math
 import numbers
 import os
@@ -438,6 +439,33 @@ def read_projection(path, num_ws, w_dim, noise_resolutions):
         if not torch.isfinite(tensor).all() or tensor.abs().max() > MAX_ABS_VALUE:
             raise CheckpointError(f"{path}: {what} holds non-finite or absurd values")
     return {**code, "ws": ws.float(), "noise": None if noise is None else [n.float() for n in noise]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiling cache (msgan.tune_tiling): {"format": "msgan-tiling", "version": 1, "tiles": {key: tile bytes}}, a
+# JSON file in weights/cache/. It is a cache: a missing, unreadable or malformed file reads as empty, and is
+# rewritten whole on the next entry.
+
+
+def read_tiling(path):
+    """{key: tile bytes} of a tiling cache; {} when the file is missing or not a tiling cache."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    tiles = data.get("tiles") if isinstance(data, dict) and data.get("format") == "msgan-tiling" else None
+    if not isinstance(tiles, dict):
+        return {}
+    return {key: value for key, value in tiles.items() if type(value) is int and value > 0}
+
+
+def write_tiling(path, key, tile_bytes):
+    """Add or replace one entry of the tiling cache at `path` (atomically; its folder is made if missing)."""
+    tiles = {**read_tiling(path), key: int(tile_bytes)}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"format": "msgan-tiling", "version": 1, "tiles": tiles}, f, indent=1, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1019,6 +1047,7 @@ def _from_nvidia(snapshot, path, part):
 WEIGHTS_DIR = os.environ.get("MSGAN_WEIGHTS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"))
 PRETRAINED = {"ffhq": "ffhq.pt", "emoji-teacher": "emoji-teacher.pt", "emoji": "emoji.pt"}
 FETCHED = ("ffhq",)  # made on first use; the others ship in weights/
+TILING_CACHE = os.path.join(WEIGHTS_DIR, "cache", "tiling.json")  # msgan.tune_tiling
 RANDOM_FACE_REQUIREMENT = "random-face==2021.7.21.1"
 RANDOM_FACE_WHEEL = "random_face-2021.7.21.1-py3-none-any.whl"
 RANDOM_FACE_SHA256 = {

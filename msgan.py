@@ -16,9 +16,12 @@ conv of the next resolution, slot 2k+2 the second conv at 2^(k+3). The student u
 the resolutions it has, so one code drives teacher and student. The official MobileStyleGAN layout
 (3 slots per block) is available with ws_layout="official".
 """
+import concurrent.futures
 import functools
 import math
 import os
+import statistics
+import time
 
 import torch
 import torch.nn as nn
@@ -344,6 +347,7 @@ class MobileSynthesis(nn.Module, NoiseMixin):
     def __init__(self, w_dim, channels, folded=False):
         super().__init__()
         self.w_dim, self.channels, self.folded = w_dim, list(channels), folded
+        self.tile_bytes = TILE_BYTES  # the inference path's tile size (tune_tiling chooses it for the machine)
         self.img_resolution = 4 * 2 ** len(channels)
         self.num_ws = num_ws_for(self.img_resolution)
         self.num_ws_official = 3 * (len(channels) - 1) + 2
@@ -399,7 +403,7 @@ class MobileSynthesis(nn.Module, NoiseMixin):
         last = len(self.blocks) - 1
         for i, (block, (s_up, s_conv2, s_head)) in enumerate(zip(self.blocks, block_slots)):
             x = block_inference(block, x, ws[:, s_up], ws[:, s_conv2], noise[2 * i + 1], noise[2 * i + 2],
-                                w_head=ws[:, s_head] if i == last else None)
+                                self.tile_bytes, w_head=ws[:, s_head] if i == last else None)
         return x
 
     def fold(self):
@@ -421,10 +425,14 @@ def standard_to_official_ws(ws, num_blocks):
 # The student's inference path: MobileSynthesis.forward_inference, for a folded network without autograd. It
 # computes forward_reference's image to float32 rounding in fewer passes over memory: channels-last activations
 # (the layout CPU convolutions run fastest in), the bias inside the convolutions, noise, activation, modulation
-# and inverse Haar transform in place, and each block in tiles of about TILE_BYTES of features, so that a tile's
-# depthwise conv, pointwise conv, noise and activation stay in the CPU's cache.
+# and inverse Haar transform in place, and each block in tiles of about `tile_bytes` of features, so that a tile's
+# depthwise conv, pointwise conv, noise and activation stay in the CPU's cache. The best tile size depends on the
+# machine (its caches, and what else shares them): tune_tiling measures it once per machine, as cuDNN's benchmark
+# mode chooses a convolution algorithm, and caches the choice. Every tile size gives the same image.
 
-TILE_BYTES = 4 * 2**20
+TILE_BYTES = 8 * 2**20  # an untuned network's tiles: the best of 1-32 MB on a Zen 4 EPYC (1 MB L2/core, 32 MB L3)
+TILE_CANDIDATES = [mb * 2**20 for mb in (1, 2, 4, 8, 16, 32)] + [2**62]  # 2**62: whole maps, no tiling
+TILE_TIMING_ROUNDS = 3  # tune_tiling keeps the best median of this many alternating rounds
 
 
 def _rows(t, start, stop, sample):
@@ -448,18 +456,18 @@ def wavelets_inplace(head, x, w):
                                                bias=head.bias)
 
 
-def block_tiles(block, batch, resolution):
+def block_tiles(block, batch, resolution, tile_bytes):
     """(samples, first row, last row + 1) of the output tiles of `block`: the whole batch when its features fit in
-    TILE_BYTES, else strips of rows of one sample at a time."""
+    tile_bytes, else strips of rows of one sample at a time."""
     row_bytes = resolution * block.conv2.bias.numel() * 4  # one row of one sample's float32 features
-    if batch * resolution * row_bytes <= TILE_BYTES:
+    if batch * resolution * row_bytes <= tile_bytes:
         return [(slice(None), 0, resolution)]
-    rows = max(TILE_BYTES // row_bytes, 1)
+    rows = max(tile_bytes // row_bytes, 1)
     return [(slice(b, b + 1), r0, min(r0 + rows, resolution))
             for b in range(batch) for r0 in range(0, resolution, rows)]
 
 
-def block_inference(block, x, w_up, w_conv2, noise1, noise2, w_head=None):
+def block_inference(block, x, w_up, w_conv2, noise1, noise2, tile_bytes, w_head=None):
     """MobileBlock of a folded network, tile by tile, channels-last (each tile's input is copied into it); x is
     not modified. Returns the features [B, C_out, 2H, 2W], or with w_head the image of the wavelet head
     [B, 3, 4H, 4W].
@@ -471,7 +479,7 @@ def block_inference(block, x, w_up, w_conv2, noise1, noise2, w_head=None):
     R = 2 * H
     shape = (B, 3, 2 * R, 2 * R) if w_head is not None else (B, block.conv2.bias.numel(), R, R)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    for sample, r0, r1 in block_tiles(block, B, R):
+    for sample, r0, r1 in block_tiles(block, B, R, tile_bytes):
         a1, b1 = max(r0 - 1, 0), min(r1 + 1, R)  # conv1 output rows that conv2 reads
         a0, b0 = max(a1 - 1, 0), min(b1 + 1, R)  # upsampled rows that conv1 reads
         lo, hi = a0 // 2, (b0 + 1) // 2          # x rows whose IDWT makes them
@@ -485,6 +493,52 @@ def block_inference(block, x, w_up, w_conv2, noise1, noise2, w_head=None):
             out[sample, :, 2 * r0:2 * r1] = ops.wavelets_to_img_inplace(wavelets_inplace(block.to_wavelets, y,
                                                                                           w_head[sample]))
     return out
+
+
+@torch.no_grad()
+def tune_tiling(G, workers=1, cache=formats.TILING_CACHE, log=None):
+    """Set the fastest tile size of a folded student's inference path on this machine, and return it (a teacher or
+    an unfolded student: None, nothing done).
+
+    Times forward_inference of one random code with each of TILE_CANDIDATES in alternating rounds, `workers` forwards
+    at once on torch's current threads (as sample.py runs its batches), and keeps the best median. One sample is
+    representative of any batch: a block whose batch outgrows a tile is tiled one sample at a time. The choice is
+    cached in the JSON file `cache` (None: no cache) under the CPU, threads, workers and geometry, so each machine
+    times once; `log` gets one line when it does (a cache that cannot be written is not an error).
+    """
+    S = G.synthesis
+    if not (G.is_student and S.folded):
+        return None
+    device = G.w_avg.device
+    key = f"{ops.cpu_name()}; {torch.get_num_threads()} threads x {workers}; {device.type}; channels {S.channels}"
+    cached = formats.read_tiling(cache).get(key) if cache else None
+    if cached is not None:
+        S.tile_bytes = cached
+        return cached
+    start = time.perf_counter()
+    ws = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(0)).to(device))
+    seconds = {tile: [] for tile in TILE_CANDIDATES}
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for _ in range(1 + TILE_TIMING_ROUNDS):  # the first round warms up
+            for tile in TILE_CANDIDATES:
+                S.tile_bytes = tile
+                t0 = time.perf_counter()
+                list(pool.map(lambda _: S.forward_inference(ws), range(workers)))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds[tile].append(time.perf_counter() - t0)
+    S.tile_bytes = min(TILE_CANDIDATES, key=lambda tile: statistics.median(seconds[tile][1:]))
+    where = "not cached"
+    if cache:
+        try:
+            formats.write_tiling(cache, key, S.tile_bytes)
+            where = f"cached in {cache}"
+        except OSError as e:
+            where = f"not cached: {e}"
+    if log:
+        tiles = "whole maps" if S.tile_bytes >= 2**62 else f"{S.tile_bytes / 2**20:g} MB"
+        log(f"inference tiles for this machine: {tiles} (timed in {time.perf_counter() - start:.1f} s, {where})")
+    return S.tile_bytes
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Conventions: tensors are NCHW float; "pad" tuples are (x0, x1, y0, y1) like rosi
 import functools
 import math
 import os
+import platform
 import time
 import warnings
 
@@ -224,7 +225,7 @@ def mobile_modulated_conv2d_inplace(x, weight, styles, weight_dw=None, bias=None
 
 
 # ----------------------------------------------------------------------------------------------
-# Running fast: torch.compile where it works, huge pages for large activations
+# Running fast: torch.compile where it works, huge pages for large activations, the CPU's name for tuning
 
 
 def maybe_compile(module, enabled, log):
@@ -238,6 +239,26 @@ def maybe_compile(module, enabled, log):
         log(f"warning: --compile unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "running eager")
         return module
+
+
+def cpu_name():
+    """The CPU's model name as the OS reports it, e.g. "AMD EPYC (family 25 model 17)" from Linux's /proc/cpuinfo
+    (virtual machines often report only the brand: the family and model tell its generations apart), else the
+    platform's architecture."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not key.strip():  # a blank line ends the first CPU's block
+                    break
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    family = f" (family {fields['cpu family']} model {fields.get('model', '?')})" if "cpu family" in fields else ""
+    return fields["model name"] + family
 
 
 def use_huge_pages():

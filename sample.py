@@ -110,13 +110,10 @@ def render(G, seeds, psi, noise_mode, device, teacher=None, code=None, mix=None)
 
 
 def worker_split(batches, compiled):
-    """(batches rendered at once, intra-op threads of each) for this process's torch threads.
-
-    One batch per core, each on a single thread, beats one batch on all cores: two batches at a time ran 64 FFHQ
-    forwards 5-15% faster on 2 cores, and each worker then encodes its own PNGs on its own core instead of taking
-    one from the next forward's OpenMP threads. A torch.compile'd network runs one batch at a time (its first
-    call compiles).
-    """
+    """(batches rendered at once, intra-op threads of each) for this process's torch threads. One batch per core,
+    each on a single thread, beats one batch on all cores: two batches at a time run 64 FFHQ forwards 5-15% faster
+    on 2 cores, and each worker encodes its own PNGs on its own core instead of taking one from the next forward's
+    threads. A torch.compile'd network runs one batch at a time (its first call compiles)."""
     cores = torch.get_num_threads()
     workers = 1 if compiled else max(1, min(MAX_WORKERS, cores, batches))
     return workers, max(1, cores // workers)
@@ -124,11 +121,9 @@ def worker_split(batches, compiled):
 
 def write_samples(G, seeds, args, device, teacher=None, progress=None, code=None):
     """seed{s:04d}.png for every seed in args.outdir (with a projection's code: code.png, or with --mix
-    code-{mix}-seed{s:04d}.png); returns (the grid's tiles, the PSNRs or Nones), in seed order.
-
-    Batches are rendered by a few worker threads at once (worker_split), each writing its own PNGs, at most one
-    batch per worker in flight: memory is flat in the number of seeds.
-    """
+    code-{mix}-seed{s:04d}.png); returns (the grid's tiles, the PSNRs or Nones), in seed order. Batches are
+    rendered by a few worker threads at once (worker_split), each writing its own PNGs, at most one batch per worker
+    in flight: memory is flat in the number of seeds."""
     batches = [seeds[i:i + args.batch] for i in range(0, len(seeds), args.batch)]
     workers, threads = worker_split(len(batches), args.compile)
 
@@ -144,6 +139,7 @@ def write_samples(G, seeds, args, device, teacher=None, progress=None, code=None
     tiles, psnrs = [], []
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    msgan.tune_tiling(G, workers, log=log)  # once per machine: the inference path's tiles, timed as they will run
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sample")
     try:
         in_flight, submitted = collections.deque(), 0
@@ -196,6 +192,7 @@ def save_image(image, path, **kwargs):
 @torch.no_grad()
 def interpolate_gif(G, seeds, psi, frames, device, path, progress):
     """Looping GIF: linear interpolation in w between consecutive seeds (and back to the first)."""
+    msgan.tune_tiling(G, log=log)
     z, _ = seeded_inputs(G, seeds, "const", device)
     w = G.truncate(G.mapping(z), psi)
     keys = torch.cat([w, w[:1]])
@@ -254,6 +251,10 @@ def parse_seeds(text):
     return [seed for r in ranges for seed in r]
 
 
+def log(text):
+    print(f"sample.py: {text}", file=sys.stderr)
+
+
 class Progress:
     """One stderr line, rewritten in place; `newline` is what an error message needs in front of it."""
 
@@ -270,8 +271,7 @@ class Progress:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ffhq", help="pretrained name (ffhq) or checkpoint path")
-    parser.add_argument("-n", type=int_in(1, MAX_IMAGES), default=None,
-                        help="number of images (seeds --seed .. --seed+n-1)")
+    parser.add_argument("-n", type=int_in(1, MAX_IMAGES), help="number of images (seeds --seed .. --seed+n-1)")
     parser.add_argument("--seed", type=int_in(0, SEED_LIMIT - 1), default=0, help="first seed with -n (default 0)")
     parser.add_argument("--seeds", type=parse_seeds, help="explicit seeds, e.g. 0-63 or 1,5,9")
     parser.add_argument("--trunc", type=finite_float, default=1.0, help="truncation psi (1 = none)")
@@ -285,10 +285,8 @@ def main(argv=None):
     parser.add_argument("--w", metavar="CODE", help="draw a projection's code (train.py project) instead of seeds")
     parser.add_argument("--mix", choices=list(MIX_SLOTS), help="with --w: each seed's w drives these styles")
     parser.add_argument("--frames", type=int_in(1, MAX_GIF_FRAMES), default=24, help="GIF frames per seed transition")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the synthesis network (falls back to eager with a warning)")
-    parser.add_argument("--bench", action="store_true", help="print the speed table of teacher and student "
-                        "paths at 256 and 1024 px (random weights) and exit")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the synthesis (else eager, with a warning)")
+    parser.add_argument("--bench", action="store_true", help="print the speed table (random weights) and exit")
     args = parser.parse_args(argv)
     ops.use_huge_pages()
     if args.seeds is not None and args.n is not None:
@@ -318,7 +316,7 @@ def main(argv=None):
     progress = None
     try:
         G = msgan.load(args.model, device=device).fold()
-        G.synthesis = ops.maybe_compile(G.synthesis, args.compile, lambda text: print(text, file=sys.stderr))
+        G.synthesis = ops.maybe_compile(G.synthesis, args.compile, log)
         teacher = msgan.load(args.compare, device=device, part="teacher") if args.compare else None
         code = args.w and formats.read_projection(args.w, G.num_ws, G.w_dim, G.synthesis.noise_resolutions)
         if teacher is not None and teacher.z_dim != G.z_dim:

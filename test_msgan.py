@@ -608,15 +608,14 @@ def test_fold_keeps_outputs_and_survives_save_load(ckpt_dir, tmp_path, mi, stude
 @pytest.mark.parametrize("noise_mode", ["const", "given", "none"])
 @pytest.mark.parametrize("ws_layout", ["standard", "official"])
 @pytest.mark.parametrize("tile_bytes", [msgan.TILE_BYTES, 5000, 1])
-def test_inference_path_matches_the_reference_path(ckpt_dir, batch, noise_mode, ws_layout, tile_bytes,
-                                                   monkeypatch):
+def test_inference_path_matches_the_reference_path(ckpt_dir, batch, noise_mode, ws_layout, tile_bytes):
     """A folded student under no_grad takes forward_inference (channels-last, in-place ops, blocks in tiles): the
     same image as forward_reference to float32 rounding, and its inputs untouched. With autograd on, the reference
     runs. This small network fits one tile per block at the default size; smaller tiles make strips of a few rows
     (5000 bytes) or of one row (1 byte), one sample at a time, whose halo rows must reproduce the whole map."""
-    monkeypatch.setattr(msgan, "TILE_BYTES", tile_bytes)
     G = msgan.load(ckpt_dir / "official.pt").fold()
     S = G.synthesis
+    S.tile_bytes = tile_bytes
     g = torch.Generator().manual_seed(batch)
     num_ws = S.num_ws if ws_layout == "standard" else S.num_ws_official
     ws = torch.randn(batch, num_ws, G.w_dim, generator=g)
@@ -636,13 +635,46 @@ def test_inference_path_matches_the_reference_path(ckpt_dir, batch, noise_mode, 
     assert torch.equal(img.detach(), ref) and ws.grad.abs().sum() > 0
 
 
-def test_blocks_are_tiled_by_sample_and_rows_when_their_features_outgrow_a_tile(monkeypatch):
+def test_blocks_are_tiled_by_sample_and_rows_when_their_features_outgrow_a_tile():
     block = msgan.MobileBlock(64, 16, w_dim=8)
     row_bytes = 32 * 16 * 4  # one row of one sample's 16-channel features at 32x32
-    monkeypatch.setattr(msgan, "TILE_BYTES", 2 * 32 * row_bytes)
-    assert msgan.block_tiles(block, 2, 32) == [(slice(None), 0, 32)]  # the whole batch fits
-    monkeypatch.setattr(msgan, "TILE_BYTES", 10 * row_bytes)
-    assert msgan.block_tiles(block, 2, 32) == [(slice(b, b + 1), r0, min(r0 + 10, 32)) for b in (0, 1) for r0 in (0, 10, 20, 30)]
+    assert msgan.block_tiles(block, 2, 32, 2 * 32 * row_bytes) == [(slice(None), 0, 32)]  # the whole batch fits
+    assert msgan.block_tiles(block, 2, 32, 10 * row_bytes) == [(slice(b, b + 1), r0, min(r0 + 10, 32))
+                                                               for b in (0, 1) for r0 in (0, 10, 20, 30)]
+
+
+def test_tune_tiling_times_each_tile_size_once_per_machine_and_caches_the_fastest(ckpt_dir, teacher, tmp_path,
+                                                                                  monkeypatch):
+    """The fastest candidate wins (here: made fastest by a stand-in forward), the choice is cached per machine,
+    threads and network, and a second network reads it without timing. A cache that is corrupt is rewritten, one
+    that cannot be written only says so; a teacher or an unfolded student is left alone."""
+    G = msgan.load(ckpt_dir / "official.pt").fold()
+    S, cache, lines = G.synthesis, tmp_path / "cache" / "tiling.json", []
+    fastest = msgan.TILE_CANDIDATES[2]
+    reference = S.forward_inference(torch.randn(1, G.w_dim))
+
+    def timed_forward(ws, *args, **kwargs):
+        time.sleep(0 if S.tile_bytes == fastest else 0.01)
+        return reference
+    monkeypatch.setattr(S, "forward_inference", timed_forward)
+    assert msgan.tune_tiling(G, workers=2, cache=str(cache), log=lines.append) == fastest
+    assert S.tile_bytes == fastest and "timed in" in lines[0] and str(cache) in lines[0]
+    entries = formats.read_tiling(str(cache))
+    assert list(entries.values()) == [fastest] and ops.cpu_name() in next(iter(entries))
+
+    again = msgan.load(ckpt_dir / "official.pt").fold()
+    assert msgan.tune_tiling(again, workers=2, cache=str(cache), log=lines.append) == fastest
+    assert again.synthesis.tile_bytes == fastest and len(lines) == 1  # read, not timed
+    assert formats.read_tiling(str(cache)) == entries
+
+    cache.write_text("{not json")
+    assert formats.read_tiling(str(cache)) == {}
+    assert msgan.tune_tiling(G, cache=str(cache)) == fastest and len(formats.read_tiling(str(cache))) == 1
+    unwritable = tmp_path / "a file" / "tiling.json"
+    unwritable.parent.write_text("")
+    assert msgan.tune_tiling(G, cache=str(unwritable), log=lines.append) == fastest
+    assert "not cached" in lines[-1]
+    assert msgan.tune_tiling(teacher, cache=str(cache)) is None
 
 
 def test_inference_path_needs_a_folded_network(ckpt_dir):
