@@ -4,6 +4,7 @@
     python export.py onnx --model ckpt.pt  # any checkpoint msgan.load reads, student or teacher
     python export.py onnx --wplus          # also export/synthesis_wplus.onnx, which reads a W+ code
     python export.py onnx --noise-input    # noise maps become inputs noise_0 .. noise_{N-1} (default: baked in)
+    python export.py onnx --int8           # also export/synthesis_int8.onnx, a student quantised to int8
     python export.py torchscript           # traced TorchScript: export/*.torchscript.pt
     python export.py openvino              # ONNX, then OpenVINO IR export/*.xml + *.bin (pip install openvino)
     python export.py coreml                # Core ML export/*.mlpackage (pip install coremltools)
@@ -24,15 +25,22 @@ in onnxruntime (TorchScript: torch.jit.load; OpenVINO: its CPU runtime) and must
 Core ML cannot run on Linux: its declared inputs and outputs are checked instead. Files are written to a temp folder
 inside --outdir and moved into place only when all of them passed, so a failed run leaves none behind.
 
+--int8 quantises a student's synthesis.onnx statically with onnxruntime's quantisation tool: QDQ format, int8
+weights per output channel, uint8 activations whose ranges are calibrated (min/max) on INT8_CALIBRATION_W codes of
+the mapping network, every convolution and style affine in int8, the noise baked in. Its check reports the file
+size and the PSNR against synthesis.onnx over INT8_CHECK_SEEDS seeds, instead of a tolerance.
+
 The speed benchmark that `python sample.py --bench` prints lives here too (bench, bench_table): it times msgan's
 paths beside the exported model in onnxruntime and the official model in OpenVINO.
 """
 import argparse
+import collections
 import contextlib
 import copy
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -63,6 +71,8 @@ TRACE_BATCH = 2           # trace at a batch other than 1, so that no size-1 bro
 CHECK_SEED = 0
 MAX_BATCH = 1024          # --batch of the check: larger is a typo, and would only run out of memory
 MB = 1 << 20
+INT8_CALIBRATION_W = 16   # w codes that calibrate the int8 activation ranges (seeded, batch 1)
+INT8_CHECK_SEEDS = 64     # seeds of the int8 model's PSNR against float32
 BENCH_RESOLUTIONS = (256, 1024)
 BENCH_ROUNDS = 5         # batch-1 rounds (half as many at the throughput batch)
 BENCH_BATCH = 8          # batch of the img/s column
@@ -258,6 +268,88 @@ def optional_import(package, purpose):
 
 
 # ----------------------------------------------------------------------------------------------
+# int8: onnxruntime's static quantisation of synthesis.onnx
+
+
+def mapped_w(G, seeds):
+    """[1, w_dim] float32 arrays: the mapping network's w of each seed's z."""
+    with torch.no_grad():
+        return [G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(seed))
+                          .to(G.w_avg.device)).cpu().numpy() for seed in seeds]
+
+
+def quantize_int8(G, float_path, path):
+    """synthesis.onnx -> int8 QDQ model, calibrated on the w of seeds 1000.. (apart from the check's 0..)."""
+    from onnxruntime import quantization as q
+
+    class Calibration(q.CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter({"w": w} for w in mapped_w(G, range(1000, 1000 + INT8_CALIBRATION_W)))
+
+        def get_next(self):
+            return next(self.feeds, None)
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # the tool logs advice on pre-processing that does not apply to this graph
+    try:
+        q.quantize_static(float_path, path, Calibration(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                          op_types_to_quantize=["Conv", "Gemm"], calibrate_method=q.CalibrationMethod.MinMax)
+    except Exception as e:  # the tool's refusal, whatever its type, is one line for the user
+        raise ExportError(f"synthesis_int8.onnx: onnxruntime cannot quantise the model ({first_line(e)})") from None
+    finally:
+        root.setLevel(level)
+    model = onnx.load(path)
+    int8_noise(model)
+    props = {p.key: p.value for p in onnx.load(float_path, load_external_data=False).metadata_props}
+    onnx.helper.set_model_props(model, {**props, "dtype": "int8 (QDQ: int8 weights per channel, uint8 activations)"})
+    onnx.save(model, path)
+    onnx.checker.check_model(path, full_check=True)
+
+
+def int8_noise(model):
+    """Store the baked noise maps (the float constants that Add nodes read, each noise_strength * noise) as int8
+    with one scale each, read through a DequantizeLinear: a quarter of their bytes, a step of ~1/30 of the noise's
+    standard deviation (the biases, which Add nodes read too, stay float: they are tiny)."""
+    readers = collections.defaultdict(set)
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name].add(node.op_type)
+    for init in list(model.graph.initializer):
+        if (init.data_type != onnx.TensorProto.FLOAT or readers[init.name] != {"Add"} or len(init.dims) != 4
+                or init.dims[1] != 1):  # noise maps are [1, 1, H, W]
+            continue
+        values = onnx.numpy_helper.to_array(init)
+        scale = np.float32(max(float(np.abs(values).max()), 1e-12) / 127)
+        quantised = np.clip(np.round(values / scale), -127, 127).astype(np.int8)
+        model.graph.initializer.remove(init)
+        model.graph.initializer.extend([onnx.numpy_helper.from_array(quantised, f"{init.name}_int8"),
+                                        onnx.numpy_helper.from_array(scale, f"{init.name}_scale")])
+        model.graph.node.insert(0, onnx.helper.make_node("DequantizeLinear", [f"{init.name}_int8", f"{init.name}_scale"],
+                                                         [init.name], name=f"{init.name}_DequantizeLinear"))
+
+
+def check_int8(ort, G, float_path, path):
+    """Run the int8 model beside the float32 one on INT8_CHECK_SEEDS seeds: sizes, PSNR (images clamped to
+    [-1, 1], as they are shown) and speed at batch 1."""
+    sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in (float_path, path)]
+    psnrs, seconds = [], [0.0, 0.0]
+    for w in mapped_w(G, range(INT8_CHECK_SEEDS)):
+        images = []
+        for i, session in enumerate(sessions):
+            start = time.perf_counter()
+            images.append(np.clip(session.run(None, {"w": w})[0], -1, 1))
+            seconds[i] += time.perf_counter() - start
+        mse = float(np.mean((images[1] - images[0]) ** 2))
+        psnrs.append(10 * math.log10(4 / max(mse, 1e-10)))
+    batch2 = sessions[1].run(None, {"w": np.concatenate(mapped_w(G, [0, 1]))})[0]
+    if batch2.shape != (2, 3, G.img_resolution, G.img_resolution) or not np.isfinite(batch2).all():
+        raise ExportError(f"synthesis_int8.onnx: batch 2 gives {list(batch2.shape)} or non-finite values")
+    print(f"  synthesis_int8.onnx: {size_of(path) / size_of(float_path):.2f}x the float32 file; PSNR against it "
+          f"{statistics.mean(psnrs):.2f} dB (min {min(psnrs):.2f}) over seeds 0-{INT8_CHECK_SEEDS - 1}; "
+          f"{1000 * seconds[1] / INT8_CHECK_SEEDS:.3g} ms/image against {1000 * seconds[0] / INT8_CHECK_SEEDS:.3g}")
+
+
+# ----------------------------------------------------------------------------------------------
 # The export
 
 
@@ -306,6 +398,8 @@ def export_graph(args, G, G_export, graph, tmp, runtimes, gen):
 
 
 def export(args):
+    if args.int8:
+        optional_import("onnxruntime", "export.py --int8")
     ov = optional_import("openvino", "export.py openvino") if args.format == "openvino" else None
     ct = optional_import("coremltools", "export.py coreml") if args.format == "coreml" else None
     ort = None
@@ -317,6 +411,8 @@ def export(args):
                   "but not run (pip install onnxruntime)", file=sys.stderr)
     G = msgan.load(args.model, device=args.device, part="teacher" if args.teacher else "generator")
     G = G.fold().requires_grad_(False)  # a student's fixed demodulation goes into its weights; a teacher is unchanged
+    if args.int8 and not G.is_student:
+        raise ExportError(f"--int8 quantises a MobileStyleGAN student; {args.model} is a StyleGAN2 teacher")
     kind = "MobileStyleGAN student (demodulation folded)" if G.is_student else "StyleGAN2 teacher"
     print(f"export.py: {args.model}: {kind}, {G.img_resolution}x{G.img_resolution}, z_dim {G.z_dim}, "
           f"w_dim {G.w_dim}, num_ws {G.num_ws}; noise: {'inputs' if args.noise_input else 'baked const'}; "
@@ -326,6 +422,10 @@ def export(args):
     with staging(args.outdir) as tmp:
         for graph in ["mapping", "synthesis"] + (["synthesis_wplus"] if args.wplus else []):
             export_graph(args, G, G_export, graph, tmp, (ort, ov, ct), gen)
+        if args.int8:
+            float_path, int8_path = os.path.join(tmp, "synthesis.onnx"), os.path.join(tmp, "synthesis_int8.onnx")
+            quantize_int8(G, float_path, int8_path)
+            check_int8(ort, G, float_path, int8_path)
         written = [f"{os.path.join(args.outdir, name)} ({size_of(os.path.join(tmp, name)) / MB:.1f} MB)"
                    for name in sorted(os.listdir(tmp))]
     print("wrote " + ", ".join(written))
@@ -366,7 +466,7 @@ def bench_runner(kind, res, path, device, onnx_path):
                 compiled[len(w)] = ov.Core().compile_model(model, "CPU", config)
             return compiled[len(w)](w.numpy())[0]
         return run_openvino
-    if path == "onnxruntime":
+    if path in ("onnxruntime", "onnxruntime-int8"):
         import onnxruntime as ort
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
@@ -412,7 +512,7 @@ def bench_paths(resolutions, device, compile):
         paths.append(("teacher", res, "reference"))
         student = ["reference", "inference"] + (["compiled"] if compile else [])
         if available["onnxruntime"] and device == "cpu":
-            student.append("onnxruntime")
+            student += ["onnxruntime", "onnxruntime-int8"]
         paths += [("student", res, path) for path in student]
     wheel = os.path.join(formats.WEIGHTS_DIR, "cache", formats.RANDOM_FACE_WHEEL)
     if 1024 in resolutions and available["openvino"] and device == "cpu" and os.path.isfile(wheel):
@@ -428,7 +528,10 @@ def bench(resolutions=BENCH_RESOLUTIONS, rounds=BENCH_ROUNDS, device="cpu", comp
         workers = []
         for row in rows:  # started one at a time: no path is built while another is timed
             onnx_path = os.path.join(tmp, f"{row['model']}{row['res']}.onnx")
-            if row["path"] == "onnxruntime":
+            if row["path"] == "onnxruntime-int8":  # quantised from the float32 file the row before wrote
+                onnx_path, float_path = onnx_path.replace(".onnx", "_int8.onnx"), onnx_path
+                quantize_int8(bench_generator(row["model"], row["res"]), float_path, onnx_path)
+            elif row["path"] == "onnxruntime":
                 bench_export_onnx(bench_generator(row["model"], row["res"]), onnx_path)
             conn, child = context.Pipe()
             process = context.Process(target=bench_worker, daemon=True,
@@ -491,7 +594,7 @@ def bench_table(rows, threads):
     ms = {(row["model"], row["res"], row["path"]): row["ms"] for row in rows if "error" not in row}
     for res in sorted({row["res"] for row in rows}):
         student = {path: value for (model, r, path), value in ms.items() if model == "student" and r == res}
-        best = min(student, key=student.get, default=None)
+        best = min((path for path in student if path != "onnxruntime-int8"), key=student.get, default=None)
         teacher, official = ms.get(("teacher", res, "reference")), ms.get(("official", res, "openvino"))
         if best and teacher:
             lines.append(f"\n{res}px: teacher / student ({best}) = {teacher / student[best]:.1f}x")
@@ -500,6 +603,9 @@ def bench_table(rows, threads):
         if "inference" in student and "reference" in student:
             lines.append(f"{res}px: inference path / reference path = "
                          f"{student['inference'] / student['reference']:.2f}")
+        if "onnxruntime-int8" in student and "onnxruntime" in student:
+            lines.append(f"{res}px: onnxruntime int8 / float32 = "
+                         f"{student['onnxruntime-int8'] / student['onnxruntime']:.2f}")
     machine = ops.cpu_name()
     lines.append(f"({threads} threads, {machine}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')})")
     return "\n".join(lines)
@@ -515,6 +621,8 @@ def parse_args(argv):
     p.add_argument("--noise-input", action="store_true", help="noise maps as inputs noise_i instead of baked constants")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic; inputs/outputs stay float32")
+    p.add_argument("--int8", action="store_true", help="also synthesis_int8.onnx: a student quantised to int8 "
+                   "(onnx only; needs onnxruntime)")
     p.add_argument("--device", default="cpu", help="device that traces and computes the reference (default: cpu)")
     p.add_argument("--batch", type=int, default=2, help="batch size of the check, besides 1 (default: 2)")
     args = p.parse_args(argv)
@@ -522,6 +630,8 @@ def parse_args(argv):
         p.error(f"--batch must be between 1 and {MAX_BATCH}")
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         p.error(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}")
+    if args.int8 and (args.format != "onnx" or args.fp16 or args.noise_input):
+        p.error("--int8 goes with onnx, float32 weights and baked noise (not --fp16 or --noise-input)")
     return args
 
 

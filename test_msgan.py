@@ -1785,6 +1785,55 @@ def test_fp16_student_stays_close_and_keeps_float32_io(ckpts, tmp_path):
         assert max_abs(out, G.synthesis(w)) <= export.PARITY_ATOL_FP16
 
 
+def test_int8_student_keeps_a_quarter_of_the_bytes_and_stays_close_to_float32(ckpts, tmp_path, capsys):
+    """--int8 writes synthesis_int8.onnx beside the float32 files: every convolution and style affine reads int8
+    weights (QDQ), the file keeps the float model's metadata, runs at any batch, and its PSNR against float32 is
+    printed. The bar is this small model's (it measures 24 dB; FFHQ's figures are in the README)."""
+    export.main(["onnx", "--model", str(ckpts / "student.pt"), "--outdir", str(tmp_path), "--int8"])
+    printed = capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["mapping.onnx", "synthesis.onnx", "synthesis_int8.onnx"]
+    model = onnx.load(tmp_path / "synthesis_int8.onnx")
+    int8 = {init.name for init in model.graph.initializer if init.data_type == onnx.TensorProto.INT8}
+    made_by = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            weight = made_by[node.input[1]]
+            assert weight.op_type == "DequantizeLinear" and weight.input[0] in int8, node.name
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["dtype"].startswith("int8") and meta["img_resolution"] == "64" and "w_avg" in meta
+    weight_bytes = [sum(onnx.numpy_helper.to_array(init).nbytes for init in m.graph.initializer)
+                    for m in (model, onnx.load(tmp_path / "synthesis.onnx"))]  # this small graph's nodes weigh more
+    assert weight_bytes[0] < 0.3 * weight_bytes[1]
+    G = pytorch_model(ckpts, "student")
+    _, w, _ = random_inputs(G, 3)
+    quantised = np.clip(session(tmp_path / "synthesis_int8.onnx").run(None, {"w": w.numpy()})[0], -1, 1)
+    reference = np.clip(session(tmp_path / "synthesis.onnx").run(None, {"w": w.numpy()})[0], -1, 1)
+    assert quantised.shape == (3, 3, 64, 64)
+    assert 10 * np.log10(4 / np.mean((quantised - reference) ** 2)) > 20
+    assert re.search(r"synthesis_int8\.onnx: 0\.\d\dx the float32 file; PSNR against it \d+\.\d\d dB", printed)
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["torchscript", "--int8"], 2, "--int8 goes with onnx"),
+    (["onnx", "--int8", "--fp16"], 2, "--int8 goes with onnx"),
+    (["onnx", "--int8", "--noise-input"], 2, "--int8 goes with onnx"),
+    (["onnx", "--int8", "--model", "{ckpts}/teacher.pt"], 1, "--int8 quantises a MobileStyleGAN student"),
+    (["onnx", "--int8", "--model", "{ckpts}/student.pt", "--teacher"], 1, "--int8 quantises a MobileStyleGAN student"),
+])
+def test_int8_refuses_what_it_cannot_quantise(ckpts, tmp_path, capsys, argv, code, message):
+    returned, err = run_main([arg.format(ckpts=ckpts) for arg in argv] + ["--outdir", str(tmp_path / "out")], capsys)
+    assert returned == code and message in err.splitlines()[-1] and (code == 2 or err.count("\n") == 1)
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_int8_without_onnxruntime_says_so_in_one_line(ckpts, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
+    code, err = run_main(["onnx", "--int8", "--model", str(ckpts / "student.pt"), "--outdir", str(tmp_path)], capsys)
+    assert code == 1 and err == ("export.py: error: export.py --int8 needs the optional package onnxruntime, which is "
+                                 "not installed (pip install onnxruntime)\n")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("model, part", [("student", "generator"), ("teacher", "generator"), ("student", "teacher")])
 def test_torchscript_matches_pytorch(ckpts, tmp_path, model, part):
     """The rosinality teacher, the official student, and (--teacher) the official checkpoint's teacher."""
@@ -1932,12 +1981,13 @@ def test_bench_times_every_path_in_its_own_process():
     rows = export.bench(resolutions=(16,), rounds=1)
     paths = [(row["model"], row["path"]) for row in rows]
     assert paths[:3] == [("teacher", "reference"), ("student", "reference"), ("student", "inference")]
-    assert ("student", "onnxruntime") in paths  # a test extra, so installed here
+    assert ("student", "onnxruntime") in paths and ("student", "onnxruntime-int8") in paths  # test extras: here
     for row in rows:
         assert "error" not in row, row
         assert row["ms"] > 0 and row["img_s"] > 0 and 50e6 < row["rss"] < 8e9, row
     table = export.bench_table(rows, torch.get_num_threads())
     assert "16px: teacher / student" in table and "16px: inference path / reference path" in table
+    assert "16px: onnxruntime int8 / float32" in table
 
 
 # ----------------------------------------------------------------------------------------------
