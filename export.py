@@ -528,11 +528,13 @@ def bench(resolutions=BENCH_RESOLUTIONS, rounds=BENCH_ROUNDS, device="cpu", comp
         workers = []
         for row in rows:  # started one at a time: no path is built while another is timed
             onnx_path = os.path.join(tmp, f"{row['model']}{row['res']}.onnx")
-            if row["path"] == "onnxruntime-int8":  # quantised from the float32 file the row before wrote
-                onnx_path, float_path = onnx_path.replace(".onnx", "_int8.onnx"), onnx_path
-                quantize_int8(bench_generator(row["model"], row["res"]), float_path, onnx_path)
-            elif row["path"] == "onnxruntime":
-                bench_export_onnx(bench_generator(row["model"], row["res"]), onnx_path)
+            if row["path"].startswith("onnxruntime"):
+                # in a process of its own: Linux keeps a process's peak RSS across fork and exec, so a parent that
+                # exported a large model would hand its peak to every worker started after
+                onnx_path = onnx_path.replace(".onnx", "_int8.onnx") if row["path"].endswith("int8") else onnx_path
+                exporter = context.Process(target=bench_export_onnx, args=(row["model"], row["res"], onnx_path))
+                exporter.start()
+                exporter.join()
             conn, child = context.Pipe()
             process = context.Process(target=bench_worker, daemon=True,
                                       args=(child, row["model"], row["res"], row["path"], device, onnx_path))
@@ -574,11 +576,16 @@ def bench(resolutions=BENCH_RESOLUTIONS, rounds=BENCH_ROUNDS, device="cpu", comp
     return rows
 
 
-def bench_export_onnx(G, path):
-    """msgan's own synthesis.onnx of G (the file `export.py onnx` writes), for the onnxruntime path."""
-    G.fold()
-    with torch.no_grad():
-        export_onnx(SynthesisGraph(G), {"w": torch.randn(1, G.w_dim)}, "img", path, DEFAULT_OPSET, {})
+def bench_export_onnx(kind, res, path):
+    """msgan's own synthesis.onnx (the file `export.py onnx` writes), or from it synthesis_int8.onnx, for the
+    onnxruntime paths."""
+    G = bench_generator(kind, res).fold()
+    float_path = path.replace("_int8.onnx", ".onnx")
+    if not os.path.exists(float_path):
+        with torch.no_grad():
+            export_onnx(SynthesisGraph(G), {"w": torch.randn(1, G.w_dim)}, "img", float_path, DEFAULT_OPSET, {})
+    if path != float_path:
+        quantize_int8(G, float_path, path)
 
 
 def bench_table(rows, threads):
