@@ -821,7 +821,7 @@ def augment(x, params):
     inverse = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)  # [B, 2, 2] = R(-a) / s
     theta = torch.cat([inverse, -(inverse @ t[:, :, None])], dim=2)                      # [B, 2, 3]
     grid = F.affine_grid(theta, [B, C, H, W], align_corners=False)
-    warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped = ops.grid_sample(x, grid)
     x = torch.where(param["affine"] > 0, warped, x)
     rows = torch.arange(H, device=x.device, dtype=x.dtype)[None, None, :, None] / H    # [1, 1, H, 1]
     cols = torch.arange(W, device=x.device, dtype=x.dtype)[None, None, None, :] / W    # [1, 1, 1, W]

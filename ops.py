@@ -86,6 +86,55 @@ def upfirdn2d_reference(x, kernel, up=1, down=1, pad=(0, 0, 0, 0)):
 
 
 # ----------------------------------------------------------------------------------------------
+# Resampling at a fixed grid (the discriminator's affine augmentation)
+
+
+def grid_sample(x, grid):
+    """F.grid_sample(x, grid) (bilinear, zero padding, align_corners=False) with a gradient w.r.t. x that is
+    differentiable again on every device: R1 through the augmentation takes that second derivative, and PyTorch's
+    CUDA grid sampler has none. The grid is a constant (it gets no gradient).
+
+    At a fixed grid the op is linear in x, y = A x, so its backward is the transpose A^T g (PyTorch's own
+    backward kernel) and the backward of that transpose is A again: each is written as the other's gradient.
+    """
+    return _GridSample.apply(x, grid.detach())
+
+
+def grid_sample_reference(x, grid):
+    """PyTorch's grid sampler: the specification (twice differentiable on the CPU only)."""
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class _GridSample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, grid):
+        ctx.save_for_backward(grid)
+        ctx.x_shape = x.shape
+        return grid_sample_reference(x, grid.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (grid,) = ctx.saved_tensors
+        return _GridSampleTranspose.apply(grad, grid, ctx.x_shape), None
+
+
+class _GridSampleTranspose(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, grid, x_shape):
+        ctx.save_for_backward(grid)
+        # the input's values do not enter the gradient w.r.t. it (the op is linear); only its shape does
+        x = grad.new_empty(x_shape)
+        grad_x, _ = torch.ops.aten.grid_sampler_2d_backward(
+            grad, x, grid.to(grad.dtype), 0, 0, False, [True, False])  # bilinear, zero padding, no corners
+        return grad_x
+
+    @staticmethod
+    def backward(ctx, grad_grad_x):
+        (grid,) = ctx.saved_tensors
+        return _GridSample.apply(grad_grad_x, grid), None, None
+
+
+# ----------------------------------------------------------------------------------------------
 # Orthonormal Haar wavelets (db1), in the coefficient layout of pytorch_wavelets / MobileStyleGAN:
 # low [B, C, H, W] and high [B, C, 3, H, W], bands 0 = top-bottom, 1 = left-right, 2 = diagonal.
 

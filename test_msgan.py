@@ -9,7 +9,7 @@ Every checkpoint is written to a temporary folder with torch.save and read back 
 
 Sections, top to bottom:
     helpers and fixtures         shared by the sections below
-    ops.py                       Haar wavelets, upfirdn2d, bias + leaky ReLU, in-place forms, CUDA kernels
+    ops.py                       Haar wavelets, upfirdn2d, grid sampling, bias + leaky ReLU, in-place forms, CUDA kernels
     msgan.py                     teacher, student and its inference path, W+ and noise, discriminator and GAN
                                  losses, distillation losses and augmentation
     formats.py                   msgan's format, NVIDIA pickles, the FFHQ import, the loaders' guarantees one by
@@ -358,7 +358,7 @@ def demo_server(demo_server_object):
 
 
 # ----------------------------------------------------------------------------------------------
-# ops.py: Haar wavelets, upfirdn2d, fused bias + leaky ReLU, the in-place forms, the optional CUDA kernels
+# ops.py: Haar wavelets, upfirdn2d, grid sampling, fused bias + leaky ReLU, the in-place forms, the optional CUDA kernels
 
 
 def test_haar_dwt_matches_pytorch_wavelets(ref):
@@ -412,6 +412,27 @@ def test_upfirdn2d_gradient_is_an_upfirdn2d(H, W, kernel, up, down, pad):
     g_up, g_down, g_pad = ops.upfirdn2d_grad_args(x.shape, k.shape, up, down, pad)
     assert_max_abs(ops.upfirdn2d_reference(grad, k.flip(0, 1), g_up, g_down, g_pad), x.grad, 1e-12)
 
+
+
+def test_grid_sample_and_its_first_two_derivatives_match_pytorchs():
+    """ops.grid_sample writes its backward (and that backward's backward) itself, since PyTorch's CUDA grid sampler
+    has no second derivative; on the CPU PyTorch's has one, and the three orders agree with it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 16, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    theta = torch.tensor([[0.9, 0.2, 0.05], [-0.2, 0.8, 0.1]], dtype=torch.float64).expand(3, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, [3, 4, 16, 12], align_corners=False)
+    weight = torch.randn(3, 4, 16, 12, dtype=torch.float64, generator=g)
+
+    def orders(sample):
+        y = sample(x, grid)
+        (dx,) = torch.autograd.grad((y.square() * weight).sum(), x, create_graph=True)
+        (ddx,) = torch.autograd.grad(dx.square().sum(), x)  # as R1 takes it
+        return y, dx, ddx
+    for got, want in zip(orders(ops.grid_sample), orders(ops.grid_sample_reference)):
+        assert_max_abs(got, want, 1e-12)
+    small = torch.randn(1, 2, 5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    small_grid = torch.nn.functional.affine_grid(theta[:1], [1, 2, 5, 4], align_corners=False)
+    assert torch.autograd.gradgradcheck(lambda t: ops.grid_sample(t, small_grid), (small,))
 
 def test_bias_leaky_relu_matches_fused_leaky_relu(ref):
     f = ref["fused_leaky_relu"]
@@ -878,6 +899,39 @@ def test_augmentation_draws_the_official_ranges_and_passes_gradients():
     x = torch.randn(6, 3, 16, 16, requires_grad=True)
     msgan.augment(x, msgan.augment_params(6, 1.0, torch.Generator().manual_seed(2))).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def graph_ops(tensor):
+    """The names of the autograd nodes tensor was computed by."""
+    names, todo, seen = set(), [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.add(type(node).__name__)
+            todo += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+def test_r1_through_the_augmentation_never_needs_pytorchs_grid_sampler_double_backward():
+    """R1 differentiates D's gradient w.r.t. the real image, through the affine warp. PyTorch's CUDA grid sampler
+    has no second derivative (training on a GPU stopped at the first R1 step), so the warp's gradient is
+    ops.grid_sample's own transpose op, on every device."""
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    params = msgan.augment_params(2, 1.0, torch.Generator().manual_seed(3))
+    (grad,) = torch.autograd.grad(msgan.augment(x, params).square().sum(), x, create_graph=True)
+    assert not any("GridSampler" in name for name in graph_ops(grad)), graph_ops(grad)
+    grad.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_r1_through_the_augmentation_on_cuda_matches_the_cpu():
+    params = msgan.augment_params(2, 1.0, torch.Generator().manual_seed(4))
+    real, conv = torch.randn(2, 3, 16, 16), torch.nn.Conv2d(3, 1, 3)  # a stand-in discriminator
+    penalties = [msgan.r1_penalty(lambda x: conv.to(device)(msgan.augment(x, params)).sum((1, 2, 3)), real.to(device))
+                 for device in ("cpu", "cuda")]
+    assert abs(penalties[1].item() - penalties[0].item()) <= 1e-4 * penalties[0].item()
 
 
 # ----------------------------------------------------------------------------------------------
