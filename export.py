@@ -4,7 +4,7 @@
     python export.py onnx --model ckpt.pt  # any checkpoint msgan.load reads, student or teacher
     python export.py onnx --wplus          # also export/synthesis_wplus.onnx, which reads a W+ code
     python export.py onnx --noise-input    # noise maps become inputs noise_0 .. noise_{N-1} (default: baked in)
-    python export.py onnx --int8           # also export/synthesis_int8.onnx, a student quantised to int8
+    python export.py onnx --int8           # also a student's int8 models: synthesis_int8{,_weights}.onnx
     python export.py torchscript           # traced TorchScript: export/*.torchscript.pt
     python export.py openvino              # ONNX, then OpenVINO IR export/*.xml + *.bin (pip install openvino)
     python export.py coreml                # Core ML export/*.mlpackage (pip install coremltools)
@@ -25,10 +25,14 @@ in onnxruntime (TorchScript: torch.jit.load; OpenVINO: its CPU runtime) and must
 Core ML cannot run on Linux: its declared inputs and outputs are checked instead. Files are written to a temp folder
 inside --outdir and moved into place only when all of them passed, so a failed run leaves none behind.
 
---int8 quantises a student's synthesis.onnx statically with onnxruntime's quantisation tool: QDQ format, int8
-weights per output channel, uint8 activations whose ranges are calibrated (min/max) on INT8_CALIBRATION_W codes of
-the mapping network, every convolution and style affine in int8, the noise baked in. Its check reports the file
-size and the PSNR against synthesis.onnx over INT8_CHECK_SEEDS seeds, instead of a tolerance.
+--int8 quantises a student's synthesis.onnx two ways, the noise baked in and stored int8 in both:
+    synthesis_int8.onnx          static quantisation with onnxruntime's tool: QDQ format, int8 weights per output
+                                 channel, uint8 activations calibrated (min/max) on INT8_CALIBRATION_W mapped w;
+                                 every convolution and style affine runs in int8 (fastest, visibly less exact)
+    synthesis_int8_weights.onnx  int8 weights per output channel, read through DequantizeLinear; activations and
+                                 arithmetic float32 (the same size, images close to float32, float32's speed)
+The check reports each file's size, its PSNR against synthesis.onnx over INT8_CHECK_SEEDS seeds (instead of a
+tolerance) and its speed in onnxruntime beside synthesis.onnx.
 
 The speed benchmark that `python sample.py --bench` prints lives here too (bench, bench_table): it times msgan's
 paths beside the exported model in onnxruntime and the official model in OpenVINO.
@@ -78,6 +82,8 @@ BENCH_ROUNDS = 5         # batch-1 rounds (half as many at the throughput batch)
 BENCH_BATCH = 8          # batch of the img/s column
 BENCH_SETTLE_S = 0.3     # idle time before each timed call: the last worker's OpenMP / onnxruntime threads spin
                          # for a while after their work and would otherwise slow the next worker down
+WORKER_DIED = "its process ended without answering (killed for memory?)"
+BENCH_ONNX = {"onnxruntime": "synthesis.onnx", "onnxruntime-int8": "synthesis_int8.onnx"}  # the file each runs
 
 
 class ExportError(Exception):
@@ -278,6 +284,12 @@ def mapped_w(G, seeds):
                           .to(G.w_avg.device)).cpu().numpy() for seed in seeds]
 
 
+INT8_MODELS = {  # file -> how it is quantised (its "dtype" metadata)
+    "synthesis_int8.onnx": "int8 (QDQ: int8 weights per channel, uint8 activations)",
+    "synthesis_int8_weights.onnx": "int8 weights per channel, float32 activations",
+}
+
+
 def quantize_int8(G, float_path, path):
     """synthesis.onnx -> int8 QDQ model, calibrated on the w of seeds 1000.. (apart from the check's 0..)."""
     from onnxruntime import quantization as q
@@ -298,18 +310,54 @@ def quantize_int8(G, float_path, path):
         raise ExportError(f"synthesis_int8.onnx: onnxruntime cannot quantise the model ({first_line(e)})") from None
     finally:
         root.setLevel(level)
-    model = onnx.load(path)
+    finish_int8(onnx.load(path), float_path, path)
+
+
+def quantize_int8_weights(float_path, path):
+    """synthesis.onnx -> the same graph with every Conv and Gemm weight stored int8 (symmetric, one scale per output
+    channel) and read through a DequantizeLinear. The activations stay float32: the style modulation gives each
+    sample its own per-channel activation ranges, which one static uint8 range per tensor fits badly."""
+    model = onnx.load(float_path)
+    weights = {init.name: init for init in model.graph.initializer}
+    for node in [node for node in model.graph.node if node.op_type in ("Conv", "Gemm")]:
+        init = weights.pop(node.input[1], None)  # None: not a constant, or shared and already stored
+        if init is None:
+            continue
+        # the output channels: Conv [O, I, kh, kw]; Gemm's B [N, K] with transB, else [K, N]
+        transposed = node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute)
+        axis = 1 if transposed else 0
+        values = onnx.numpy_helper.to_array(init)
+        others = tuple(d for d in range(values.ndim) if d != axis)
+        scale = (np.maximum(np.abs(values).max(axis=others), 1e-12) / 127).astype(np.float32)
+        store_int8(model, init, values / np.expand_dims(scale, others), scale, axis)
+    finish_int8(model, float_path, path)
+
+
+def finish_int8(model, float_path, path):
+    """Noise maps to int8, the float model's metadata plus the dtype, saved and checked."""
     int8_noise(model)
     props = {p.key: p.value for p in onnx.load(float_path, load_external_data=False).metadata_props}
-    onnx.helper.set_model_props(model, {**props, "dtype": "int8 (QDQ: int8 weights per channel, uint8 activations)"})
+    onnx.helper.set_model_props(model, {**props, "dtype": INT8_MODELS[os.path.basename(path)]})
     onnx.save(model, path)
     onnx.checker.check_model(path, full_check=True)
 
 
+def store_int8(model, init, steps, scale, axis=None):
+    """Replace the float initializer init by round(steps) in int8 and a DequantizeLinear that multiplies back by
+    scale (one scale, or one per index of axis)."""
+    quantised = np.clip(np.round(steps), -127, 127).astype(np.int8)
+    model.graph.initializer.remove(init)
+    model.graph.initializer.extend([onnx.numpy_helper.from_array(quantised, f"{init.name}_int8"),
+                                    onnx.numpy_helper.from_array(scale, f"{init.name}_scale")])
+    model.graph.node.insert(0, onnx.helper.make_node("DequantizeLinear", [f"{init.name}_int8", f"{init.name}_scale"],
+                                                     [init.name], name=f"{init.name}_DequantizeLinear",
+                                                     **({} if axis is None else {"axis": axis})))
+
+
 def int8_noise(model):
     """Store the baked noise maps (the float constants that Add nodes read, each noise_strength * noise) as int8
-    with one scale each, read through a DequantizeLinear: a quarter of their bytes, a step of ~1/30 of the noise's
-    standard deviation (the biases, which Add nodes read too, stay float: they are tiny)."""
+    with one scale each: a quarter of their bytes, a step of ~1/30 of the noise's standard deviation (the biases,
+    which Add nodes read too, stay float: they are tiny)."""
     readers = collections.defaultdict(set)
     for node in model.graph.node:
         for name in node.input:
@@ -320,33 +368,41 @@ def int8_noise(model):
             continue
         values = onnx.numpy_helper.to_array(init)
         scale = np.float32(max(float(np.abs(values).max()), 1e-12) / 127)
-        quantised = np.clip(np.round(values / scale), -127, 127).astype(np.int8)
-        model.graph.initializer.remove(init)
-        model.graph.initializer.extend([onnx.numpy_helper.from_array(quantised, f"{init.name}_int8"),
-                                        onnx.numpy_helper.from_array(scale, f"{init.name}_scale")])
-        model.graph.node.insert(0, onnx.helper.make_node("DequantizeLinear", [f"{init.name}_int8", f"{init.name}_scale"],
-                                                         [init.name], name=f"{init.name}_DequantizeLinear"))
+        store_int8(model, init, values / scale, scale)
 
 
-def check_int8(ort, G, float_path, path):
-    """Run the int8 model beside the float32 one on INT8_CHECK_SEEDS seeds: sizes, PSNR (images clamped to
+def onnxruntime_session(ort, path, threads=0):
+    """An onnxruntime CPU session (threads 0: its default). A weights-only int8 model gets the option that lets
+    onnxruntime fold the DequantizeLinear of each constant weight once at load (float32 speed; without it, every
+    call dequantises, ~1.15x the time at 1024 px)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if os.path.basename(path) == "synthesis_int8_weights.onnx":
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def check_int8(ort, G, float_path, paths):
+    """Run each int8 model beside the float32 one on INT8_CHECK_SEEDS seeds: sizes, PSNR (images clamped to
     [-1, 1], as they are shown) and speed at batch 1."""
-    sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in (float_path, path)]
-    psnrs, seconds = [], [0.0, 0.0]
+    sessions = [onnxruntime_session(ort, path) for path in [float_path, *paths]]
+    psnrs, seconds = [[] for _ in paths], [0.0] * len(sessions)
     for w in mapped_w(G, range(INT8_CHECK_SEEDS)):
         images = []
         for i, session in enumerate(sessions):
             start = time.perf_counter()
             images.append(np.clip(session.run(None, {"w": w})[0], -1, 1))
             seconds[i] += time.perf_counter() - start
-        mse = float(np.mean((images[1] - images[0]) ** 2))
-        psnrs.append(10 * math.log10(4 / max(mse, 1e-10)))
-    batch2 = sessions[1].run(None, {"w": np.concatenate(mapped_w(G, [0, 1]))})[0]
-    if batch2.shape != (2, 3, G.img_resolution, G.img_resolution) or not np.isfinite(batch2).all():
-        raise ExportError(f"synthesis_int8.onnx: batch 2 gives {list(batch2.shape)} or non-finite values")
-    print(f"  synthesis_int8.onnx: {size_of(path) / size_of(float_path):.2f}x the float32 file; PSNR against it "
-          f"{statistics.mean(psnrs):.2f} dB (min {min(psnrs):.2f}) over seeds 0-{INT8_CHECK_SEEDS - 1}; "
-          f"{1000 * seconds[1] / INT8_CHECK_SEEDS:.3g} ms/image against {1000 * seconds[0] / INT8_CHECK_SEEDS:.3g}")
+        for path_psnrs, image in zip(psnrs, images[1:]):
+            path_psnrs.append(10 * math.log10(4 / max(float(np.mean((image - images[0]) ** 2)), 1e-10)))
+    for path, session, path_psnrs, time_s in zip(paths, sessions[1:], psnrs, seconds[1:]):
+        name = os.path.basename(path)
+        batch2 = session.run(None, {"w": np.concatenate(mapped_w(G, [0, 1]))})[0]
+        if batch2.shape != (2, 3, G.img_resolution, G.img_resolution) or not np.isfinite(batch2).all():
+            raise ExportError(f"{name}: batch 2 gives {list(batch2.shape)} or non-finite values")
+        print(f"  {name}: {size_of(path) / size_of(float_path):.2f}x the float32 file; PSNR against it "
+              f"{statistics.mean(path_psnrs):.2f} dB (min {min(path_psnrs):.2f}) over seeds 0-{INT8_CHECK_SEEDS - 1}; "
+              f"{1000 * time_s / INT8_CHECK_SEEDS:.3g} ms/image against {1000 * seconds[0] / INT8_CHECK_SEEDS:.3g}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,9 +479,10 @@ def export(args):
         for graph in ["mapping", "synthesis"] + (["synthesis_wplus"] if args.wplus else []):
             export_graph(args, G, G_export, graph, tmp, (ort, ov, ct), gen)
         if args.int8:
-            float_path, int8_path = os.path.join(tmp, "synthesis.onnx"), os.path.join(tmp, "synthesis_int8.onnx")
-            quantize_int8(G, float_path, int8_path)
-            check_int8(ort, G, float_path, int8_path)
+            float_path, paths = os.path.join(tmp, "synthesis.onnx"), [os.path.join(tmp, n) for n in INT8_MODELS]
+            quantize_int8(G, float_path, paths[0])
+            quantize_int8_weights(float_path, paths[1])
+            check_int8(ort, G, float_path, paths)
         written = [f"{os.path.join(args.outdir, name)} ({size_of(os.path.join(tmp, name)) / MB:.1f} MB)"
                    for name in sorted(os.listdir(tmp))]
     print("wrote " + ", ".join(written))
@@ -466,11 +523,9 @@ def bench_runner(kind, res, path, device, onnx_path):
                 compiled[len(w)] = ov.Core().compile_model(model, "CPU", config)
             return compiled[len(w)](w.numpy())[0]
         return run_openvino
-    if path in ("onnxruntime", "onnxruntime-int8"):
+    if path in BENCH_ONNX:
         import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        session = onnxruntime_session(ort, onnx_path, torch.get_num_threads())
         return lambda w: session.run(None, {"w": w.numpy()})[0]
     # every student path runs the folded network (the form sample.py loads): the rows differ only by their path
     G = bench_generator(kind, res).to(device).fold()
@@ -512,7 +567,7 @@ def bench_paths(resolutions, device, compile):
         paths.append(("teacher", res, "reference"))
         student = ["reference", "inference"] + (["compiled"] if compile else [])
         if available["onnxruntime"] and device == "cpu":
-            student += ["onnxruntime", "onnxruntime-int8"]
+            student += list(BENCH_ONNX)
         paths += [("student", res, path) for path in student]
     wheel = os.path.join(formats.WEIGHTS_DIR, "cache", formats.RANDOM_FACE_WHEEL)
     if 1024 in resolutions and available["openvino"] and device == "cpu" and os.path.isfile(wheel):
@@ -527,11 +582,12 @@ def bench(resolutions=BENCH_RESOLUTIONS, rounds=BENCH_ROUNDS, device="cpu", comp
     with tempfile.TemporaryDirectory() as tmp:
         workers = []
         for row in rows:  # started one at a time: no path is built while another is timed
-            onnx_path = os.path.join(tmp, f"{row['model']}{row['res']}.onnx")
-            if row["path"].startswith("onnxruntime"):
+            onnx_path = None
+            if row["path"] in BENCH_ONNX:
                 # in a process of its own: Linux keeps a process's peak RSS across fork and exec, so a parent that
                 # exported a large model would hand its peak to every worker started after
-                onnx_path = onnx_path.replace(".onnx", "_int8.onnx") if row["path"].endswith("int8") else onnx_path
+                os.makedirs(os.path.join(tmp, f"{row['model']}{row['res']}"), exist_ok=True)
+                onnx_path = os.path.join(tmp, f"{row['model']}{row['res']}", BENCH_ONNX[row["path"]])
                 exporter = context.Process(target=bench_export_onnx, args=(row["model"], row["res"], onnx_path))
                 exporter.start()
                 exporter.join()
@@ -539,7 +595,11 @@ def bench(resolutions=BENCH_RESOLUTIONS, rounds=BENCH_ROUNDS, device="cpu", comp
             process = context.Process(target=bench_worker, daemon=True,
                                       args=(child, row["model"], row["res"], row["path"], device, onnx_path))
             process.start()
-            reply = conn.recv()
+            child.close()  # the worker's end lives in the worker alone: if it dies, recv here raises EOFError
+            try:
+                reply = conn.recv()
+            except EOFError:
+                reply = WORKER_DIED
             if reply != "ready":
                 row["error"] = reply
             workers.append((row, conn, process))
@@ -549,8 +609,11 @@ def bench(resolutions=BENCH_RESOLUTIONS, rounds=BENCH_ROUNDS, device="cpu", comp
             """The worker's answer, or None after recording its error (it has exited)."""
             if "error" not in row:
                 time.sleep(BENCH_SETTLE_S if request[0] == "run" else 0)
-                conn.send(request)
-                reply = conn.recv()
+                try:
+                    conn.send(request)
+                    reply = conn.recv()
+                except (EOFError, OSError):
+                    reply = WORKER_DIED
                 if not isinstance(reply, str):
                     return reply
                 row["error"] = reply
@@ -577,10 +640,10 @@ def bench(resolutions=BENCH_RESOLUTIONS, rounds=BENCH_ROUNDS, device="cpu", comp
 
 
 def bench_export_onnx(kind, res, path):
-    """msgan's own synthesis.onnx (the file `export.py onnx` writes), or from it synthesis_int8.onnx, for the
-    onnxruntime paths."""
+    """msgan's own synthesis.onnx (the file `export.py onnx` writes), or from it an int8 model of `export.py onnx
+    --int8`, for the onnxruntime paths."""
     G = bench_generator(kind, res).fold()
-    float_path = path.replace("_int8.onnx", ".onnx")
+    float_path = os.path.join(os.path.dirname(path), "synthesis.onnx")
     if not os.path.exists(float_path):
         with torch.no_grad():
             export_onnx(SynthesisGraph(G), {"w": torch.randn(1, G.w_dim)}, "img", float_path, DEFAULT_OPSET, {})
@@ -601,7 +664,7 @@ def bench_table(rows, threads):
     ms = {(row["model"], row["res"], row["path"]): row["ms"] for row in rows if "error" not in row}
     for res in sorted({row["res"] for row in rows}):
         student = {path: value for (model, r, path), value in ms.items() if model == "student" and r == res}
-        best = min((path for path in student if path != "onnxruntime-int8"), key=student.get, default=None)
+        best = min((path for path in student if "int8" not in path), key=student.get, default=None)
         teacher, official = ms.get(("teacher", res, "reference")), ms.get(("official", res, "openvino"))
         if best and teacher:
             lines.append(f"\n{res}px: teacher / student ({best}) = {teacher / student[best]:.1f}x")
@@ -628,8 +691,8 @@ def parse_args(argv):
     p.add_argument("--noise-input", action="store_true", help="noise maps as inputs noise_i instead of baked constants")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     p.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic; inputs/outputs stay float32")
-    p.add_argument("--int8", action="store_true", help="also synthesis_int8.onnx: a student quantised to int8 "
-                   "(onnx only; needs onnxruntime)")
+    p.add_argument("--int8", action="store_true", help="also synthesis_int8.onnx and synthesis_int8_weights.onnx: "
+                   "a student quantised to int8, all through or in its weights only (onnx only; needs onnxruntime)")
     p.add_argument("--device", default="cpu", help="device that traces and computes the reference (default: cpu)")
     p.add_argument("--batch", type=int, default=2, help="batch size of the check, besides 1 (default: 2)")
     args = p.parse_args(argv)
