@@ -2858,9 +2858,14 @@ def write_photo(path, mode, size=64):
 
 
 @pytest.mark.parametrize("mode, says", [("L", "greyscale"), ("RGBA", "transparent"), ("I;16", "16-bit")])
-def test_project_converts_greyscale_transparent_and_16_bit_photos_with_a_warning(tmp_path, capsys, mode, says):
+def test_project_refuses_greyscale_transparent_and_16_bit_photos_unless_told_to_convert(tmp_path, capsys, mode, says):
     photo = write_photo(tmp_path / "photo.png", mode)
-    assert run_project(photo, "--model", "emoji", "--steps", 2, "--no-compile", "--outdir", tmp_path / "out") == 0
+    assert run_project(photo, "--model", "emoji", "--steps", 2, "--outdir", tmp_path / "refused") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"train.py: error: {photo} is {says}") and "--convert" in err
+    assert err.count("\n") == 1 and not (tmp_path / "refused").exists()
+    assert run_project(photo, "--model", "emoji", "--steps", 2, "--no-compile", "--outdir", tmp_path / "out",
+                       "--convert") == 0
     assert f"warning: {photo} is {says}" in capsys.readouterr().out and (tmp_path / "out" / "code.pt").exists()
 
 

@@ -1016,11 +1016,14 @@ def project_parser():
                         help="torch.compile the synthesis (default on: 3x faster steps after about a minute)")
     parser.add_argument("--log-every", type=positive_int, default=25, help="steps between progress lines")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--convert", action="store_true", help="project a greyscale, transparent, palette or 16-bit "
+                        "photo as the RGB image it converts to (without it such a photo is refused)")
     return parser
 
 
-def read_photo(path, res, log):
-    """The photo as [1, 3, res, res] in [-1, 1] (centre-cropped); one warning for a mode that is converted."""
+def read_photo(path, res, convert, log):
+    """The photo as [1, 3, res, res] in [-1, 1] (centre-cropped). A photo that is not plain RGB is refused unless
+    convert, then converted with one warning: the generators draw RGB, so its conversion is a guess to confirm."""
     try:
         with Image.open(path) as im:
             mode, size = im.mode, im.size
@@ -1033,6 +1036,8 @@ def read_photo(path, res, log):
         raise TrainError(f"{path}: {size[0]}x{size[1]} pixels, too small to project (at least {PROJECT_MIN_PHOTO} a side)")
     converted = {"L": "greyscale", "LA": "greyscale", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit",
                  "I": "16-bit", "RGBA": "transparent (composited on white)", "P": "palette"}.get(mode)
+    if converted and not convert:
+        raise TrainError(f"{path} is {converted}, not RGB: --convert projects the RGB image it converts to")
     if converted:
         log(f"warning: {path} is {converted}: projected as the RGB image it converts to")
     if size[0] != size[1]:
@@ -1047,8 +1052,8 @@ def run_projection(argv, log=functools.partial(print, flush=True)):
     code_path = os.path.join(args.outdir, "code.pt")
     G = msgan.load(args.model, device=args.device)
     size = min(PROJECT_SIZE, G.img_resolution)
-    target = read_photo(args.photo, size, log).to(args.device)
-    shown = read_photo(args.photo, G.img_resolution, lambda line: None)
+    target = read_photo(args.photo, size, args.convert, log).to(args.device)
+    shown = read_photo(args.photo, G.img_resolution, args.convert, lambda line: None)
     resume = None
     if args.resume:
         resume = formats.read_projection(args.resume, G.num_ws, G.w_dim, G.synthesis.noise_resolutions)
