@@ -30,7 +30,6 @@ import ipaddress
 import json
 import math
 import os
-import signal
 import socket
 import sys
 import threading
@@ -400,8 +399,10 @@ def main(argv=None):
         print(f"demo.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while the process exits changes nothing
-        print("\ndemo.py: stopped", file=sys.stderr)
+        print("\ndemo.py: stopped", file=sys.stderr, flush=True)
+        # Exit at once, as the server holds nothing to save: the handler threads are daemons that may be inside
+        # torch, and the interpreter's normal exit, with them still there, aborts the process
+        os._exit(0)
     return 0
 
 

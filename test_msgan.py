@@ -2061,7 +2061,8 @@ def test_bench_times_every_path_in_its_own_process():
 
 def test_bench_reports_a_worker_killed_mid_run_and_finishes_the_others(monkeypatch):
     """A worker the kernel kills (out of memory, say) is a failed row with a reason, not a traceback."""
-    monkeypatch.setattr(export, "bench_paths", lambda *args: [("student", 16, "reference"), ("student", 16, "inference")])
+    two_paths = [("student", 16, "reference"), ("student", 16, "inference")]
+    monkeypatch.setattr(export, "bench_paths", lambda *args: two_paths)
     sleep, killed = time.sleep, []
 
     def kill_one_worker_first(seconds):  # the bench waits BENCH_SETTLE_S before it asks a worker for a forward
@@ -3119,6 +3120,33 @@ def stop_demo(process):
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0 and err == "\ndemo.py: stopped\n", err
+
+
+def test_demo_py_stops_cleanly_on_ctrl_c_while_frames_are_drawn():
+    """Ctrl-C in the middle of 4 clients' frames (teacher and student): exit 0 and one line, never an abort."""
+    for attempt in range(3):
+        process, url = start_demo("--model", "emoji", "--compare", "emoji-teacher")
+        stop = threading.Event()
+
+        def client(k):
+            for i in range(10**6):
+                if stop.is_set():
+                    return
+                net = ("student", "teacher")[i % 2]
+                try:
+                    http_request(f"{url}/render?seed={k * 10**6 + i}&psi=0.7&noise=const&net={net}")
+                except Exception:  # the server went away mid-request: whatever the client library makes of that
+                    pass
+        clients = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(4)]
+        for thread in clients:
+            thread.start()
+        time.sleep(0.5 + 0.3 * attempt)
+        try:
+            stop_demo(process)
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(timeout=30)
 
 
 def test_demo_py_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path):
