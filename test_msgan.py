@@ -159,7 +159,40 @@ def make_weights():
 
 
 # ----------------------------------------------------------------------------------------------
-# Fixtures: the reference data (loaded once), checkpoints written to a temporary folder, small models
+# Fixtures: the CPU for every test not marked gpu, the reference data (loaded once), checkpoints written to a
+# temporary folder, small models
+
+
+REAL_CUDA_CHECK = torch.cuda.is_available
+HAS_CUDA = REAL_CUDA_CHECK()  # read once, before cpu_everywhere hides the device
+USER_CUDA_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_everywhere():
+    """Every script defaults to --device cuda where there is a GPU. The tests compare with the CPU's golden data and
+    exact figures, so on a GPU machine too they run on the CPU, in this process and in the processes they start;
+    only the tests marked gpu see the device (see show_the_gpu)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setenv("CUDA_VISIBLE_DEVICES", "")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def show_the_gpu(request, monkeypatch):
+    if "gpu" in request.keywords:
+        monkeypatch.setattr(torch.cuda, "is_available", REAL_CUDA_CHECK)
+        if USER_CUDA_DEVICES is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", USER_CUDA_DEVICES)
+
+
+def test_tests_run_on_the_cpu_unless_marked_gpu():
+    assert not torch.cuda.is_available() and os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert train.parse_args([])[0].device == train.project_parser().parse_args(["photo.png"]).device == "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -475,7 +508,8 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path):
     assert (tmp_path / "msgan_ops.o").stat().st_size > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+@needs_cuda
 def test_cuda_kernels_match_the_reference_ops():
     """On a GPU: values, gradients and second-order gradients of the kernels against the reference ops."""
     assert all(" ok " in line for line in ops.check_cuda_kernels(timing_runs=1))
@@ -927,7 +961,8 @@ def test_r1_through_the_augmentation_never_needs_pytorchs_grid_sampler_double_ba
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+@needs_cuda
 def test_r1_through_the_augmentation_on_cuda_matches_the_cpu():
     params = msgan.augment_params(2, 1.0, torch.Generator().manual_seed(4))
     real, conv = torch.randn(2, 3, 16, 16), torch.nn.Conv2d(3, 1, 3)  # a stand-in discriminator
