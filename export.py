@@ -533,6 +533,8 @@ def bench_runner(kind, res, path, device, onnx_path):
         return G.synthesis.forward_reference if kind == "student" else G.synthesis
     if path == "compiled":
         return torch.compile(G.synthesis)
+    if path == "inference-bf16":  # sample.py --bf16
+        G.synthesis.to(torch.bfloat16)
     msgan.tune_tiling(G)  # as sample.py runs it: tiles timed once per machine (cached)
     return G.synthesis
 
@@ -565,7 +567,8 @@ def bench_paths(resolutions, device, compile):
     paths = []
     for res in resolutions:
         paths.append(("teacher", res, "reference"))
-        student = ["reference", "inference"] + (["compiled"] if compile else [])
+        student = (["reference", "inference"] + (["inference-bf16"] if ops.native_bf16(torch.device(device)) else [])
+                   + (["compiled"] if compile else []))
         if available["onnxruntime"] and device == "cpu":
             student += list(BENCH_ONNX)
         paths += [("student", res, path) for path in student]
@@ -664,15 +667,20 @@ def bench_table(rows, threads):
     ms = {(row["model"], row["res"], row["path"]): row["ms"] for row in rows if "error" not in row}
     for res in sorted({row["res"] for row in rows}):
         student = {path: value for (model, r, path), value in ms.items() if model == "student" and r == res}
-        best = min((path for path in student if "int8" not in path), key=student.get, default=None)
+        float32 = [path for path in student if "int8" not in path and "bf16" not in path]
+        best = min(float32, key=student.get, default=None)
         teacher, official = ms.get(("teacher", res, "reference")), ms.get(("official", res, "openvino"))
         if best and teacher:
             lines.append(f"\n{res}px: teacher / student ({best}) = {teacher / student[best]:.1f}x")
-        if best and official:
-            lines.append(f"{res}px: msgan {best} / official OpenVINO = {student[best] / official:.2f}")
+        for path in dict.fromkeys([best, "inference", "inference-bf16"]):
+            if path in student and official:
+                lines.append(f"{res}px: msgan {path} / official OpenVINO (float32) = {student[path] / official:.2f}")
         if "inference" in student and "reference" in student:
             lines.append(f"{res}px: inference path / reference path = "
                          f"{student['inference'] / student['reference']:.2f}")
+        if "inference-bf16" in student and "inference" in student:
+            lines.append(f"{res}px: inference path bfloat16 / float32 = "
+                         f"{student['inference-bf16'] / student['inference']:.2f}")
         if "onnxruntime-int8" in student and "onnxruntime" in student:
             lines.append(f"{res}px: onnxruntime int8 / float32 = "
                          f"{student['onnxruntime-int8'] / student['onnxruntime']:.2f}")

@@ -107,7 +107,9 @@ def make_const_noise(resolutions, seed=CONST_NOISE_SEED):
 class NoiseMixin:
     """Noise handling shared by both synthesis networks.
 
-    The network registers one buffer `noise_const.{i}` per styled conv (resolution noise_resolutions[i]).
+    The network registers one buffer `noise_const.{i}` per styled conv (resolution noise_resolutions[i]). Noise
+    and styles are cast to the dtype of the weights: a network computes in its own dtype (e.g. after
+    .to(torch.bfloat16)) whatever its inputs.
     """
 
     def _register_noise(self, resolutions):
@@ -126,11 +128,11 @@ class NoiseMixin:
             for i, (n, r) in enumerate(zip(noise, self.noise_resolutions)):
                 if n.ndim != 4 or n.shape[1] != 1 or n.shape[2:] != (r, r) or n.shape[0] not in (1, batch):
                     raise ValueError(f"noise[{i}]: expected shape [1 or {batch}, 1, {r}, {r}], got {list(n.shape)}")
-            return noise
+            return [n.to(self.const.dtype) for n in noise]
         if noise_mode == "const":
             return [getattr(self.noise_const, str(i)) for i in range(count)]
         if noise_mode == "random":
-            return [torch.randn(batch, 1, r, r, device=device) for r in self.noise_resolutions]
+            return [torch.randn(batch, 1, r, r, device=device, dtype=self.const.dtype) for r in self.noise_resolutions]
         if noise_mode == "none":
             return [None] * count
         raise ValueError(f"noise_mode must be 'const', 'random' or 'none', got {noise_mode!r}")
@@ -228,7 +230,7 @@ class StyleGAN2Synthesis(nn.Module, NoiseMixin):
         self._register_noise([4] + [4 * 2**(i // 2 + 1) for i in range(len(self.convs))])
 
     def forward(self, ws, noise=None, noise_mode="const"):
-        ws = _expand_ws(ws, self.num_ws, self.w_dim)
+        ws = _expand_ws(ws, self.num_ws, self.w_dim).to(self.const.dtype)
         noise = self.resolve_noise(ws.shape[0], noise, noise_mode, ws.device)
         x = self.conv1(self.const.expand(ws.shape[0], -1, -1, -1), ws[:, 0], noise[0])
         rgb = self.to_rgb1(x, ws[:, 1])
@@ -370,6 +372,7 @@ class MobileSynthesis(nn.Module, NoiseMixin):
         """What both paths begin with: (the 4x4 conv's output [B, C, 4, 4], ws [B, slots, w_dim], the noise list)."""
         (s_conv1, _), _ = self.style_slots(ws_layout)
         ws = _expand_ws(ws, self.num_ws if ws_layout == "standard" else self.num_ws_official, self.w_dim)
+        ws = ws.to(self.const.dtype)
         noise = self.resolve_noise(ws.shape[0], noise, noise_mode, ws.device)
         return self.conv1(self.const.expand(ws.shape[0], -1, -1, -1), ws[:, s_conv1], noise[0]), ws, noise
 
@@ -459,7 +462,7 @@ def wavelets_inplace(head, x, w):
 def block_tiles(block, batch, resolution, tile_bytes):
     """(samples, first row, last row + 1) of the output tiles of `block`: the whole batch when its features fit in
     tile_bytes, else strips of rows of one sample at a time."""
-    row_bytes = resolution * block.conv2.bias.numel() * 4  # one row of one sample's float32 features
+    row_bytes = resolution * block.conv2.bias.numel() * block.conv2.bias.element_size()  # one row of one sample
     if batch * resolution * row_bytes <= tile_bytes:
         return [(slice(None), 0, resolution)]
     rows = max(tile_bytes // row_bytes, 1)
@@ -510,7 +513,8 @@ def tune_tiling(G, workers=1, cache=formats.TILING_CACHE, log=None):
     if not (G.is_student and S.folded):
         return None
     device = G.w_avg.device
-    key = f"{ops.cpu_name()}; {torch.get_num_threads()} threads x {workers}; {device.type}; channels {S.channels}"
+    key = (f"{ops.cpu_name()}; {torch.get_num_threads()} threads x {workers}; {device.type}; channels {S.channels}; "
+           f"{str(S.const.dtype).removeprefix('torch.')}")
     cached = formats.read_tiling(cache).get(key) if cache else None
     if cached is not None:
         S.tile_bytes = cached

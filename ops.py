@@ -290,10 +290,8 @@ def maybe_compile(module, enabled, log):
         return module
 
 
-def cpu_name():
-    """The CPU's model name as the OS reports it, e.g. "AMD EPYC (family 25 model 17)" from Linux's /proc/cpuinfo
-    (virtual machines often report only the brand: the family and model tell its generations apart), else the
-    platform's architecture."""
+def _cpuinfo():
+    """The first CPU's fields in Linux's /proc/cpuinfo ({} elsewhere)."""
     fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -304,10 +302,26 @@ def cpu_name():
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return fields
+
+
+def cpu_name():
+    """The CPU's model name as the OS reports it, e.g. "AMD EPYC (family 25 model 17)" from Linux's /proc/cpuinfo
+    (virtual machines often report only the brand: the family and model tell its generations apart), else the
+    platform's architecture."""
+    fields = _cpuinfo()
     if "model name" not in fields:
         return platform.processor() or platform.machine()
     family = f" (family {fields['cpu family']} model {fields.get('model', '?')})" if "cpu family" in fields else ""
     return fields["model name"] + family
+
+
+def native_bf16(device):
+    """Whether `device` computes bfloat16 convolutions in hardware: a CUDA GPU that supports bfloat16, or a CPU
+    with AVX512-BF16 or AMX (as Linux reports them). Elsewhere PyTorch emulates bfloat16, slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & set(_cpuinfo().get("flags", "").split()))
 
 
 def use_huge_pages():

@@ -100,7 +100,7 @@ def render(G, seeds, psi, noise_mode, device, teacher=None, code=None, mix=None)
         ws = code["ws"].to(device).expand(len(seeds), -1, -1)
         w = mix_styles(ws, w, mix) if mix else ws
         noise = noise if code["noise"] is None else [n.to(device) for n in code["noise"]]
-    img = G.synthesis(G.truncate(w, psi), noise=noise, noise_mode=noise_mode)
+    img = G.synthesis(G.truncate(w, psi), noise=noise, noise_mode=noise_mode).float()  # float32 from --bf16 too
     if teacher is None:
         return to_uint8(img), [None] * len(seeds)
     ref = teacher.synthesis(teacher.truncate(teacher.mapping(z), psi), noise=noise, noise_mode=noise_mode)
@@ -199,7 +199,7 @@ def interpolate_gif(G, seeds, psi, frames, device, path, progress):
     images = []
     for k in range(len(seeds)):
         for t in torch.arange(frames) / frames:
-            img = G.synthesis(keys[k].lerp(keys[k + 1], t.item())[None], noise_mode="const")
+            img = G.synthesis(keys[k].lerp(keys[k + 1], t.item())[None], noise_mode="const").float()
             images.append(Image.fromarray(to_uint8(img)[0]).resize((GIF_SIZE, GIF_SIZE), Image.LANCZOS))
             progress.update(len(images))
     save_image(images[0], path, save_all=True, append_images=images[1:], duration=GIF_FRAME_MS, loop=0)
@@ -286,6 +286,9 @@ def main(argv=None):
     parser.add_argument("--mix", choices=list(MIX_SLOTS), help="with --w: each seed's w drives these styles")
     parser.add_argument("--frames", type=int_in(1, MAX_GIF_FRAMES), default=24, help="GIF frames per seed transition")
     parser.add_argument("--compile", action="store_true", help="torch.compile the synthesis (else eager, with a warning)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="synthesis in bfloat16: ~2x faster where the hardware computes it (AVX512-BF16 or AMX "
+                             "CPUs, recent GPUs), ~45 dB PSNR against float32; elsewhere float32, with a warning")
     parser.add_argument("--bench", action="store_true", help="print the speed table (random weights) and exit")
     args = parser.parse_args(argv)
     ops.use_huge_pages()
@@ -316,6 +319,11 @@ def main(argv=None):
     progress = None
     try:
         G = msgan.load(args.model, device=device).fold()
+        if args.bf16 and ops.native_bf16(device):
+            G.synthesis.to(torch.bfloat16)
+        elif args.bf16:  # emulated bfloat16 is slower than float32
+            log(f"warning: --bf16: no bfloat16 hardware on {ops.cpu_name() if device.type == 'cpu' else device} "
+                "(AVX512-BF16 or AMX); running float32")
         G.synthesis = ops.maybe_compile(G.synthesis, args.compile, log)
         teacher = msgan.load(args.compare, device=device, part="teacher") if args.compare else None
         code = args.w and formats.read_projection(args.w, G.num_ws, G.w_dim, G.synthesis.noise_resolutions)

@@ -701,6 +701,9 @@ def test_blocks_are_tiled_by_sample_and_rows_when_their_features_outgrow_a_tile(
     assert msgan.block_tiles(block, 2, 32, 2 * 32 * row_bytes) == [(slice(None), 0, 32)]  # the whole batch fits
     assert msgan.block_tiles(block, 2, 32, 10 * row_bytes) == [(slice(b, b + 1), r0, min(r0 + 10, 32))
                                                                for b in (0, 1) for r0 in (0, 10, 20, 30)]
+    block.to(torch.bfloat16)  # two bytes a value: twice the rows in a tile
+    assert msgan.block_tiles(block, 2, 32, 10 * row_bytes) == [(slice(b, b + 1), r0, min(r0 + 20, 32))
+                                                               for b in (0, 1) for r0 in (0, 20)]
 
 
 def test_tune_tiling_times_each_tile_size_once_per_machine_and_caches_the_fastest(ckpt_dir, teacher, tmp_path,
@@ -1727,6 +1730,24 @@ def test_sample_compile_falls_back_to_eager_with_one_warning(ckpt_dir, tmp_path,
     assert (tmp_path / "seed0000.png").exists()
 
 
+def test_sample_bf16_runs_bfloat16_where_the_hardware_has_it_else_float32_with_one_warning(ckpt_dir, tmp_path,
+                                                                                            capsys, monkeypatch):
+    """--bf16: the synthesis in bfloat16 (close to float32, not equal), teacher | student pairs included (their
+    noise is passed in float32); without bfloat16 hardware one warning, and float32's images."""
+    args = ["--model", ckpt_dir / "official.pt", "--compare", ckpt_dir / "rosinality.pt", "--seeds", "0-1"]
+    assert run_sample(*args, "--outdir", tmp_path / "float32") == 0
+    monkeypatch.setattr(ops, "native_bf16", lambda device: True)
+    assert run_sample(*args, "--bf16", "--outdir", tmp_path / "bf16") == 0
+    monkeypatch.setattr(ops, "native_bf16", lambda device: False)
+    capsys.readouterr()
+    assert run_sample(*args, "--bf16", "--outdir", tmp_path / "emulated") == 0
+    assert capsys.readouterr().err.count("warning: --bf16: no bfloat16 hardware") == 1
+    for seed in (0, 1):
+        a, b, c = (png(tmp_path / run / f"seed{seed:04d}.png").astype(float) for run in ("float32", "bf16", "emulated"))
+        assert np.array_equal(a, c) and not np.array_equal(a, b)
+        assert 10 * np.log10(255**2 / np.mean((a - b) ** 2)) > 35
+
+
 def test_sample_grid_keeps_only_downscaled_tiles(ckpt_dir, tmp_path, monkeypatch):
     """Memory flat in -n: the grid is built from tiles made as each image arrives, never from full images."""
     monkeypatch.setattr(sample, "GRID_TILE", 16)
@@ -2081,12 +2102,14 @@ def test_sample_and_onnx_export_of_an_nvidia_pickle(tmp_path, capsys):
         assert max_abs(session(synthesis).run(None, {"w": w.numpy()})[0], G.synthesis(w)) <= TOL
 
 
-def test_bench_times_every_path_in_its_own_process():
+def test_bench_times_every_path_in_its_own_process(monkeypatch):
     """sample.py --bench at a toy size: every path of teacher and student gives a time, a throughput and a peak
-    RSS, and the table states the ratios."""
+    RSS, and the table states the ratios. The bfloat16 row is there where the hardware computes bfloat16."""
+    monkeypatch.setattr(ops, "native_bf16", lambda device: True)
     rows = export.bench(resolutions=(16,), rounds=1)
     paths = [(row["model"], row["path"]) for row in rows]
-    assert paths[:3] == [("teacher", "reference"), ("student", "reference"), ("student", "inference")]
+    assert paths[:4] == [("teacher", "reference"), ("student", "reference"), ("student", "inference"),
+                         ("student", "inference-bf16")]
     for path in export.BENCH_ONNX:  # onnxruntime is among the test extras
         assert ("student", path) in paths
     for row in rows:
@@ -2095,6 +2118,9 @@ def test_bench_times_every_path_in_its_own_process():
     table = export.bench_table(rows, torch.get_num_threads())
     assert "16px: teacher / student" in table and "16px: inference path / reference path" in table
     assert "16px: onnxruntime int8 / float32" in table
+    assert "16px: inference path bfloat16 / float32" in table
+    monkeypatch.setattr(ops, "native_bf16", lambda device: False)
+    assert ("student", 16, "inference-bf16") not in export.bench_paths((16,), "cpu", False)
 
 
 def test_bench_reports_a_worker_killed_mid_run_and_finishes_the_others(monkeypatch):
@@ -3311,6 +3337,29 @@ def test_shipped_emoji_teacher_and_student_load_offline_and_draw_the_same_images
         noise = teacher.synthesis.resolve_noise(64, None, "const", "cpu")  # the student reads the maps it has
         psnr = sample.psnr(student(z, noise=noise), teacher(z, noise=noise))
     assert psnr.mean() > EMOJI_MIN_PSNR_DB, psnr.mean()
+
+
+BF16_MIN_PSNR_DB = 40.0  # a bfloat16 network against itself in float32 (emoji: ~47 dB; FFHQ: 45, min 40)
+
+
+@pytest.mark.parametrize("name", ["emoji", "emoji-teacher"])
+def test_a_network_in_bfloat16_draws_its_float32_images_within_40_db(name):
+    """G.synthesis.to(torch.bfloat16) (sample.py --bf16): styles and noise (stored, random or passed in float32)
+    are cast to the weights' dtype; a student's inference path gives the same image tiled or whole."""
+    G = msgan.load(name).requires_grad_(False).fold()
+    z = torch.randn(4, G.z_dim, generator=torch.Generator().manual_seed(0))
+    noise = [torch.randn(1, 1, r, r, generator=torch.Generator().manual_seed(r)) for r in G.synthesis.noise_resolutions]
+    with torch.no_grad():
+        w = G.mapping(z)
+        float32 = [G.synthesis(w), G.synthesis(w, noise=noise)]
+        G.synthesis.to(torch.bfloat16)
+        bf16 = [G.synthesis(w), G.synthesis(w, noise=noise)]
+        assert G.synthesis(w, noise_mode="random").dtype == torch.bfloat16
+        if G.is_student:
+            G.synthesis.tile_bytes = msgan.TILE_CANDIDATES[0] // 2**10  # a few rows a tile
+            assert torch.equal(G.synthesis(w), bf16[0])
+    for a, b in zip(float32, bf16):
+        assert b.dtype == torch.bfloat16 and sample.psnr(b.float(), a).min() > BF16_MIN_PSNR_DB
 
 
 def test_sample_and_onnx_export_of_the_shipped_emoji_student(tmp_path, capsys):
