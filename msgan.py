@@ -20,7 +20,6 @@ import concurrent.futures
 import functools
 import math
 import os
-import statistics
 import time
 
 import torch
@@ -435,7 +434,7 @@ def standard_to_official_ws(ws, num_blocks):
 
 TILE_BYTES = 8 * 2**20  # an untuned network's tiles: the best of 1-32 MB on a Zen 4 EPYC (1 MB L2/core, 32 MB L3)
 TILE_CANDIDATES = [mb * 2**20 for mb in (1, 2, 4, 8, 16, 32)] + [2**62]  # 2**62: whole maps, no tiling
-TILE_TIMING_ROUNDS = 3  # tune_tiling keeps the best median of this many alternating rounds
+TILE_TIMING_ROUNDS = 3  # tune_tiling keeps the fastest of this many alternating rounds per tile size
 
 
 def _rows(t, start, stop, sample):
@@ -504,9 +503,10 @@ def tune_tiling(G, workers=1, cache=formats.TILING_CACHE, log=None):
     an unfolded student: None, nothing done).
 
     Times forward_inference of one random code with each of TILE_CANDIDATES in alternating rounds, `workers` forwards
-    at once on torch's current threads (as sample.py runs its batches), and keeps the best median. One sample is
+    at once on torch's current threads (as sample.py runs its batches), and keeps the tile size of the fastest round
+    (a shared machine only ever adds time, so the fastest round is the least disturbed). One sample is
     representative of any batch: a block whose batch outgrows a tile is tiled one sample at a time. The choice is
-    cached in the JSON file `cache` (None: no cache) under the CPU, threads, workers and geometry, so each machine
+    cached in the JSON file `cache` (None: no cache) under the CPU, threads, workers, geometry and dtype, so each machine
     times once; `log` gets one line when it does (a cache that cannot be written is not an error).
     """
     S = G.synthesis
@@ -531,7 +531,7 @@ def tune_tiling(G, workers=1, cache=formats.TILING_CACHE, log=None):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds[tile].append(time.perf_counter() - t0)
-    S.tile_bytes = min(TILE_CANDIDATES, key=lambda tile: statistics.median(seconds[tile][1:]))
+    S.tile_bytes = min(TILE_CANDIDATES, key=lambda tile: min(seconds[tile][1:]))
     where = "not cached"
     if cache:
         try:

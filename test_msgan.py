@@ -3339,7 +3339,7 @@ def test_shipped_emoji_teacher_and_student_load_offline_and_draw_the_same_images
     assert psnr.mean() > EMOJI_MIN_PSNR_DB, psnr.mean()
 
 
-BF16_MIN_PSNR_DB = 40.0  # a bfloat16 network against itself in float32 (emoji: ~47 dB; FFHQ: 45, min 40)
+BF16_MIN_PSNR_DB = 40.0  # a bfloat16 network against itself in float32 (emoji ~47 dB; FFHQ 46.9, min 36.6)
 
 
 @pytest.mark.parametrize("name", ["emoji", "emoji-teacher"])
