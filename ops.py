@@ -148,35 +148,36 @@ def haar_dwt(x):
     return low, high
 
 
-def haar_idwt(low, high):
-    """Exact inverse of haar_dwt: (low [B, C, H, W], high [B, C, 3, H, W]) -> [B, C, 2H, 2W]."""
-    h0, h1, h2 = high.unbind(2)
-    a = (low + h0 + h1 + h2) / 2
-    b = (low + h0 - h1 - h2) / 2
-    c = (low - h0 + h1 - h2) / 2
-    d = (low - h0 - h1 + h2) / 2
-    B, C, H, W = low.shape
-    top = torch.stack([a, b], dim=-1).reshape(B, C, H, 2 * W)     # interleave columns
-    bottom = torch.stack([c, d], dim=-1).reshape(B, C, H, 2 * W)
-    return torch.stack([top, bottom], dim=-2).reshape(B, C, 2 * H, 2 * W)  # interleave rows
+# The inverse Haar of one channel: each band's share of the 2x2 output block [[a, b], [c, d]] (times 1/2), e.g.
+# a = (low + h0 + h1 + h2) / 2 and d = (low - h0 - h1 + h2) / 2: the inverse of haar_dwt.
+HAAR_SYNTHESIS = [[[1, 1], [1, 1]],     # low
+                  [[1, 1], [-1, -1]],   # h0: top minus bottom
+                  [[1, -1], [1, -1]],   # h1: left minus right
+                  [[1, -1], [-1, 1]]]   # h2: one diagonal minus the other
 
 
 def wavelets_to_img(packed):
-    """MobileStyleGAN packing -> image: [B, 4C, H, W] -> [B, C, 2H, 2W].
+    """MobileStyleGAN packing -> image, the inverse of img_to_wavelets: [B, 4C, H, W] -> [B, C, 2H, 2W].
 
-    Channels 0..C-1 hold the low band; channel C + 3*c + k holds band k of colour/channel c.
+    Channels 0..C-1 hold the low band; channel C + 3*c + k holds band k of colour/channel c. Computed as a
+    transposed conv with the filters HAAR_SYNTHESIS / 2, stride 2, one group (the four bands) per output channel:
+    exporters write it as one Gather and one ConvTranspose, which onnxruntime and OpenVINO run faster than
+    elementwise butterflies and interleaving.
     """
-    B, C4, H, W = packed.shape
-    C = C4 // 4
-    return haar_idwt(packed[:, :C], packed[:, C:].reshape(B, C, 3, H, W))
+    C = int(packed.shape[1]) // 4  # a constant in traced graphs: the filters' shape depends on it
+    band = torch.arange(C, device=packed.device)
+    groups = torch.stack([band, C + 3 * band, C + 3 * band + 1, C + 3 * band + 2], dim=1).flatten()  # [4C]
+    filters = (torch.tensor(HAAR_SYNTHESIS, dtype=packed.dtype) / 2).repeat(C, 1, 1).unsqueeze(1)  # [4C, 1, 2, 2]
+    # non_blocking: a GPU's copy of 64 bytes need not wait for the work queued before it
+    return F.conv_transpose2d(packed[:, groups], filters.to(packed.device, non_blocking=True), stride=2, groups=C)
 
 
 def wavelets_to_img_inplace(packed, scale=None):
     """Inference form of wavelets_to_img(packed * scale) for the same values to float32 rounding; `packed`
     is used as scratch (overwritten). scale: [B, 4C] per-sample channel factors, or None.
 
-    The reference interleaves four stacked tensors; here the butterflies (L +- h0) and (h1 +- h2) are
-    written straight into the four phases of the output, which keeps packed's memory format.
+    Here the butterflies (L +- h0) and (h1 +- h2) are written straight into the four phases of the output, in
+    packed's memory format (eager PyTorch runs this faster than the transposed conv).
     """
     B, C4, H, W = packed.shape
     C = C4 // 4
