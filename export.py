@@ -83,7 +83,11 @@ BENCH_BATCH = 8          # batch of the img/s column
 BENCH_SETTLE_S = 0.3     # idle time before each timed call: the last worker's OpenMP / onnxruntime threads spin
                          # for a while after their work and would otherwise slow the next worker down
 WORKER_DIED = "its process ended without answering (killed for memory?)"
-BENCH_ONNX = {"onnxruntime": "synthesis.onnx", "onnxruntime-int8": "synthesis_int8.onnx"}  # the file each runs
+BENCH_ONNX = {  # the student paths that run msgan's export: (runtime, file)
+    "onnxruntime": ("onnxruntime", "synthesis.onnx"),
+    "onnxruntime-int8": ("onnxruntime", "synthesis_int8.onnx"),
+    "openvino": ("openvino", "synthesis.onnx"),
+}
 
 
 class ExportError(Exception):
@@ -509,14 +513,17 @@ def bench_generator(kind, res):
 
 def bench_runner(kind, res, path, device, onnx_path):
     """A function ws -> images for one (model, path), built inside its worker."""
-    if path == "openvino":  # the official FFHQ-1024 IR from the random-face wheel; one w in, like msgan's
+    if path == "openvino":  # the official FFHQ-1024 IR from the random-face wheel, or msgan's synthesis.onnx
         import openvino as ov
-        files = formats.random_face_ir(os.path.join(formats.WEIGHTS_DIR, "cache", formats.RANDOM_FACE_WHEEL))
-        model = ov.Core().read_model(model=files["SynthesisNetwork.xml"],
-                                     weights=ov.Tensor(np.frombuffer(files["SynthesisNetwork.bin"], np.uint8)))
+        if kind == "official":
+            files = formats.random_face_ir(os.path.join(formats.WEIGHTS_DIR, "cache", formats.RANDOM_FACE_WHEEL))
+            model = ov.Core().read_model(model=files["SynthesisNetwork.xml"],
+                                         weights=ov.Tensor(np.frombuffer(files["SynthesisNetwork.bin"], np.uint8)))
+        else:
+            model = ov.Core().read_model(onnx_path)
         compiled = {}
 
-        def run_openvino(w):  # the IR has a static batch: one compiled model per batch size
+        def run_openvino(w):  # one compiled model per batch size (the official IR's batch is static)
             if len(w) not in compiled:
                 model.reshape({model.inputs[0].get_any_name(): [len(w), w.shape[1]]})
                 config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
@@ -569,8 +576,8 @@ def bench_paths(resolutions, device, compile):
         paths.append(("teacher", res, "reference"))
         student = (["reference", "inference"] + (["inference-bf16"] if ops.native_bf16(torch.device(device)) else [])
                    + (["compiled"] if compile else []))
-        if available["onnxruntime"] and device == "cpu":
-            student += list(BENCH_ONNX)
+        if device == "cpu":
+            student += [path for path, (runtime, _) in BENCH_ONNX.items() if available[runtime]]
         paths += [("student", res, path) for path in student]
     wheel = os.path.join(formats.WEIGHTS_DIR, "cache", formats.RANDOM_FACE_WHEEL)
     if 1024 in resolutions and available["openvino"] and device == "cpu" and os.path.isfile(wheel):
@@ -586,11 +593,11 @@ def bench(resolutions=BENCH_RESOLUTIONS, rounds=BENCH_ROUNDS, device="cpu", comp
         workers = []
         for row in rows:  # started one at a time: no path is built while another is timed
             onnx_path = None
-            if row["path"] in BENCH_ONNX:
+            if row["model"] == "student" and row["path"] in BENCH_ONNX:
                 # in a process of its own: Linux keeps a process's peak RSS across fork and exec, so a parent that
                 # exported a large model would hand its peak to every worker started after
                 os.makedirs(os.path.join(tmp, f"{row['model']}{row['res']}"), exist_ok=True)
-                onnx_path = os.path.join(tmp, f"{row['model']}{row['res']}", BENCH_ONNX[row["path"]])
+                onnx_path = os.path.join(tmp, f"{row['model']}{row['res']}", BENCH_ONNX[row["path"]][1])
                 exporter = context.Process(target=bench_export_onnx, args=(row["model"], row["res"], onnx_path))
                 exporter.start()
                 exporter.join()
@@ -644,7 +651,7 @@ def bench(resolutions=BENCH_RESOLUTIONS, rounds=BENCH_ROUNDS, device="cpu", comp
 
 def bench_export_onnx(kind, res, path):
     """msgan's own synthesis.onnx (the file `export.py onnx` writes), or from it an int8 model of `export.py onnx
-    --int8`, for the onnxruntime paths."""
+    --int8`, for the paths that run msgan's export."""
     G = bench_generator(kind, res).fold()
     float_path = os.path.join(os.path.dirname(path), "synthesis.onnx")
     if not os.path.exists(float_path):
@@ -672,7 +679,7 @@ def bench_table(rows, threads):
         teacher, official = ms.get(("teacher", res, "reference")), ms.get(("official", res, "openvino"))
         if best and teacher:
             lines.append(f"\n{res}px: teacher / student ({best}) = {teacher / student[best]:.1f}x")
-        for path in dict.fromkeys([best, "inference", "inference-bf16"]):
+        for path in dict.fromkeys([best, "inference", "inference-bf16", "openvino"]):
             if path in student and official:
                 lines.append(f"{res}px: msgan {path} / official OpenVINO (float32) = {student[path] / official:.2f}")
         if "inference" in student and "reference" in student:
