@@ -60,8 +60,7 @@ def seeded_inputs(G, seeds, noise_mode, device):
 
 
 def to_uint8(img):
-    """[B, 3, H, W] in about [-1, 1] -> [B, H, W, 3] uint8 (the NVlabs rounding). Permuted first, so that a
-    channels-last image (the inference path's) is scaled and rounded in place as one contiguous block."""
+    """[B, 3, H, W] ~[-1, 1] -> [B, H, W, 3] uint8 (NVlabs rounding), permuted first: channels-last is one block."""
     return img.permute(0, 2, 3, 1).mul(127.5).add_(128).clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 
@@ -162,8 +161,7 @@ def write_samples(G, seeds, args, device, teacher=None, progress=None, code=None
 
 
 def grid_tile(array):
-    """[H, W, 3] uint8 -> a PIL tile of at most GRID_TILE pixels a side (what the grid keeps in memory): a box
-    filter for whole factors (1 ms for 1024 -> 256 against 8 ms for Lanczos), else Lanczos."""
+    """[H, W, 3] uint8 -> PIL tile of at most GRID_TILE px a side: box filter for whole factors, else Lanczos."""
     image, size = Image.fromarray(array), array.shape[0]
     if size <= GRID_TILE:
         return image
@@ -174,10 +172,8 @@ def grid_tile(array):
 
 def make_grid(tiles):
     """List of equal PIL tiles -> one grid image with ceil(sqrt(n)) columns."""
-    cols = math.ceil(math.sqrt(len(tiles)))
-    rows = math.ceil(len(tiles) / cols)
-    tile = tiles[0].width
-    grid = Image.new("RGB", (cols * tile, rows * tile))
+    cols, tile = math.ceil(math.sqrt(len(tiles))), tiles[0].width
+    grid = Image.new("RGB", (cols * tile, math.ceil(len(tiles) / cols) * tile))
     for i, image in enumerate(tiles):
         grid.paste(image, ((i % cols) * tile, (i // cols) * tile))
     return grid
@@ -286,9 +282,8 @@ def main(argv=None):
     parser.add_argument("--mix", choices=list(MIX_SLOTS), help="with --w: each seed's w drives these styles")
     parser.add_argument("--frames", type=int_in(1, MAX_GIF_FRAMES), default=24, help="GIF frames per seed transition")
     parser.add_argument("--compile", action="store_true", help="torch.compile the synthesis (else eager, with a warning)")
-    parser.add_argument("--bf16", action="store_true",
-                        help="synthesis in bfloat16: ~2x faster where the hardware computes it (AVX512-BF16 or AMX "
-                             "CPUs, recent GPUs), ~45 dB PSNR against float32; elsewhere float32, with a warning")
+    parser.add_argument("--bf16", action="store_true", help="synthesis in bfloat16 where the hardware has it "
+                        "(AVX512-BF16 or AMX CPUs, GPUs): faster, ~47 dB from float32; elsewhere a warning")
     parser.add_argument("--bench", action="store_true", help="print the speed table (random weights) and exit")
     args = parser.parse_args(argv)
     ops.use_huge_pages()
@@ -322,8 +317,7 @@ def main(argv=None):
         if args.bf16 and ops.native_bf16(device):
             G.synthesis.to(torch.bfloat16)
         elif args.bf16:  # emulated bfloat16 is slower than float32
-            log(f"warning: --bf16: no bfloat16 hardware on {ops.cpu_name() if device.type == 'cpu' else device} "
-                "(AVX512-BF16 or AMX); running float32")
+            log(f"warning: --bf16: no bfloat16 hardware on this {device.type} (AVX512-BF16, AMX); running float32")
         G.synthesis = ops.maybe_compile(G.synthesis, args.compile, log)
         teacher = msgan.load(args.compare, device=device, part="teacher") if args.compare else None
         code = args.w and formats.read_projection(args.w, G.num_ws, G.w_dim, G.synthesis.noise_resolutions)
