@@ -3368,6 +3368,10 @@ def test_sample_and_onnx_export_of_the_shipped_emoji_student(tmp_path, capsys):
     assert png(tmp_path / "s" / "seed0003.png").shape == (32, 32, 3)
     export.main(["onnx", "--model", "emoji", "--outdir", str(tmp_path / "e")])  # checks onnxruntime parity itself
     assert sorted(os.listdir(tmp_path / "e")) == ["mapping.onnx", "synthesis.onnx"]
+    graph = onnx.load(tmp_path / "e" / "synthesis.onnx").graph  # each inverse Haar is one ConvTranspose
+    ops_used = collections.Counter(node.op_type for node in graph.node)
+    assert ops_used["ConvTranspose"] == len(msgan.load("emoji").synthesis.blocks) + 1
+    assert not ops_used.keys() & {"Slice", "Split", "Sub", "Div"}
 
 
 def test_train_py_without_a_teacher_distills_the_shipped_emoji_teacher(tmp_path):
