@@ -79,7 +79,7 @@ INT8_CALIBRATION_W = 16   # w codes that calibrate the int8 activation ranges (s
 INT8_CHECK_SEEDS = 64     # seeds of the int8 model's PSNR against float32
 BENCH_RESOLUTIONS = (256, 1024)
 BENCH_ROUNDS = 5         # batch-1 rounds (half as many at the throughput batch)
-BENCH_BATCH = 4          # batch of the img/s column: sample.py's default (at 8, the held memory of ~10 workers nears 24 GB)
+BENCH_BATCH = 4          # batch of the img/s column, sample.py's default (at 8 the workers together held ~21 GB)
 BENCH_SETTLE_S = 0.3     # idle time before each timed call: the last worker's OpenMP / onnxruntime threads spin
                          # for a while after their work and would otherwise slow the next worker down
 WORKER_DIED = "its process ended without answering (killed for memory?)"

@@ -506,8 +506,8 @@ def tune_tiling(G, workers=1, cache=formats.TILING_CACHE, log=None):
     at once on torch's current threads (as sample.py runs its batches), and keeps the tile size of the fastest round
     (a shared machine only ever adds time, so the fastest round is the least disturbed). One sample is
     representative of any batch: a block whose batch outgrows a tile is tiled one sample at a time. The choice is
-    cached in the JSON file `cache` (None: no cache) under the CPU, threads, workers, geometry and dtype, so each machine
-    times once; `log` gets one line when it does (a cache that cannot be written is not an error).
+    cached in the JSON file `cache` (None: no cache) under the CPU, threads, workers, geometry and dtype, so each
+    machine times once; `log` gets one line when it does (a cache that cannot be written is not an error).
     """
     S = G.synthesis
     if not (G.is_student and S.folded):

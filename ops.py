@@ -177,7 +177,7 @@ def wavelets_to_img_inplace(packed, scale=None):
     is used as scratch (overwritten). scale: [B, 4C] per-sample channel factors, or None.
 
     Here the butterflies (L +- h0) and (h1 +- h2) are written straight into the four phases of the output, in
-    packed's memory format (eager PyTorch runs this faster than the transposed conv).
+    packed's memory format (channels-last in the inference path's tiles).
     """
     B, C4, H, W = packed.shape
     C = C4 // 4
