@@ -148,28 +148,20 @@ def haar_dwt(x):
     return low, high
 
 
-# The inverse Haar of one channel: each band's share of the 2x2 output block [[a, b], [c, d]] (times 1/2), e.g.
-# a = (low + h0 + h1 + h2) / 2 and d = (low - h0 - h1 + h2) / 2: the inverse of haar_dwt.
-HAAR_SYNTHESIS = [[[1, 1], [1, 1]],     # low
-                  [[1, 1], [-1, -1]],   # h0: top minus bottom
-                  [[1, -1], [1, -1]],   # h1: left minus right
-                  [[1, -1], [-1, 1]]]   # h2: one diagonal minus the other
-
-
 def wavelets_to_img(packed):
     """MobileStyleGAN packing -> image, the inverse of img_to_wavelets: [B, 4C, H, W] -> [B, C, 2H, 2W].
 
     Channels 0..C-1 hold the low band; channel C + 3*c + k holds band k of colour/channel c. Computed as a
-    transposed conv with the filters HAAR_SYNTHESIS / 2, stride 2, one group (the four bands) per output channel:
-    exporters write it as one Gather and one ConvTranspose, which onnxruntime and OpenVINO run faster than
-    elementwise butterflies and interleaving.
+    transposed conv, stride 2, one group (the four bands) per output channel: exporters write it as one Gather and
+    one ConvTranspose, which onnxruntime and OpenVINO run faster than elementwise butterflies and interleaving.
     """
     C = int(packed.shape[1]) // 4  # a constant in traced graphs: the filters' shape depends on it
     band = torch.arange(C, device=packed.device)
     groups = torch.stack([band, C + 3 * band, C + 3 * band + 1, C + 3 * band + 2], dim=1).flatten()  # [4C]
-    filters = (torch.tensor(HAAR_SYNTHESIS, dtype=packed.dtype) / 2).repeat(C, 1, 1).unsqueeze(1)  # [4C, 1, 2, 2]
-    # non_blocking: a GPU's copy of 64 bytes need not wait for the work queued before it
-    return F.conv_transpose2d(packed[:, groups], filters.to(packed.device, non_blocking=True), stride=2, groups=C)
+    # The transform is orthonormal: the synthesis filter of band k is its analysis of the four pixels of a 2x2 block
+    pixels = torch.eye(4, dtype=packed.dtype, device=packed.device).view(4, 1, 2, 2)  # one image per pixel
+    filters = img_to_wavelets(pixels).view(4, 4).t().reshape(4, 1, 2, 2)              # [band, 1, 2, 2]
+    return F.conv_transpose2d(packed[:, groups], filters.repeat(C, 1, 1, 1), stride=2, groups=C)
 
 
 def wavelets_to_img_inplace(packed, scale=None):
