@@ -106,9 +106,8 @@ def make_const_noise(resolutions, seed=CONST_NOISE_SEED):
 class NoiseMixin:
     """Noise handling shared by both synthesis networks.
 
-    The network registers one buffer `noise_const.{i}` per styled conv (resolution noise_resolutions[i]). Noise
-    and styles are cast to the dtype of the weights: a network computes in its own dtype (e.g. after
-    .to(torch.bfloat16)) whatever its inputs.
+    The network registers one buffer `noise_const.{i}` per styled conv (resolution noise_resolutions[i]); noise and
+    styles are cast to the weights' dtype (a network computes in its own, e.g. after .to(torch.bfloat16)).
     """
 
     def _register_noise(self, resolutions):
