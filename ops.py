@@ -267,7 +267,8 @@ def mobile_modulated_conv2d_inplace(x, weight, styles, weight_dw=None, bias=None
 
 
 # ----------------------------------------------------------------------------------------------
-# Running fast: torch.compile where it works, huge pages for large activations, the CPU's name for tuning
+# Running fast: torch.compile where it works, bfloat16 where the hardware has it, huge pages for large activations,
+# the CPU's name for tuning
 
 
 def maybe_compile(module, enabled, log):
@@ -281,6 +282,18 @@ def maybe_compile(module, enabled, log):
         log(f"warning: --compile unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "running eager")
         return module
+
+
+def maybe_bfloat16(module, enabled, log):
+    """module.to(torch.bfloat16) if asked for and its device computes bfloat16 in hardware (native_bf16); otherwise
+    the module, after one warning to `log` if asked for (emulated bfloat16 is slower than float32)."""
+    if not enabled:
+        return module
+    device = next(module.parameters()).device
+    if native_bf16(device):
+        return module.to(torch.bfloat16)
+    log(f"warning: --bf16: no bfloat16 hardware on this {device.type} (AVX512-BF16, AMX); running float32")
+    return module
 
 
 def _cpuinfo():

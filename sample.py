@@ -314,10 +314,7 @@ def main(argv=None):
     progress = None
     try:
         G = msgan.load(args.model, device=device).fold()
-        if args.bf16 and ops.native_bf16(device):
-            G.synthesis.to(torch.bfloat16)
-        elif args.bf16:  # emulated bfloat16 is slower than float32
-            log(f"warning: --bf16: no bfloat16 hardware on this {device.type} (AVX512-BF16, AMX); running float32")
+        G.synthesis = ops.maybe_bfloat16(G.synthesis, args.bf16, log)
         G.synthesis = ops.maybe_compile(G.synthesis, args.compile, log)
         teacher = msgan.load(args.compare, device=device, part="teacher") if args.compare else None
         code = args.w and formats.read_projection(args.w, G.num_ws, G.w_dim, G.synthesis.noise_resolutions)

@@ -380,7 +380,7 @@ def exported(ckpts, tmp_path_factory):
 def demo_server_object():
     """demo.py's server for the shipped emoji student beside its teacher, in-process on a free port."""
     server = demo.start(argparse.Namespace(model="emoji", compare="emoji-teacher", host="127.0.0.1", port=0,
-                                           device="cpu", w=None))
+                                           device="cpu", w=None, bf16=False))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
     server.shutdown()
@@ -2979,7 +2979,7 @@ def test_demo_starts_from_a_projection(tmp_path):
     code = train.project(G, target, steps=20, log=None)
     formats.write_projection(tmp_path / "code.pt", code)
     server = demo.start(argparse.Namespace(model="emoji", compare=None, host="127.0.0.1", port=0, device="cpu",
-                                           w=str(tmp_path / "code.pt")))
+                                           w=str(tmp_path / "code.pt"), bf16=False))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         assert json.loads(http_request(f"{server.url}/info")[2])["projection"] is True
@@ -2989,6 +2989,24 @@ def test_demo_starts_from_a_projection(tmp_path):
                                         mix_seed=4), drawn)
     finally:
         server.shutdown()
+        server.server_close()
+
+
+def test_demo_bf16_draws_the_student_in_bfloat16_where_the_hardware_has_it(demo_server_object, monkeypatch):
+    """demo.py --bf16: the student's frames come from a bfloat16 network, close to float32's (the teacher stays
+    float32)."""
+    monkeypatch.setattr(ops, "native_bf16", lambda device: True)
+    server = demo.start(argparse.Namespace(model="emoji", compare="emoji-teacher", host="127.0.0.1", port=0,
+                                           device="cpu", w=None, bf16=True))
+    try:
+        assert server.renderer.G.synthesis.const.dtype == torch.bfloat16
+        assert server.renderer.teacher.synthesis.const.dtype == torch.float32
+        for net in ("student", "teacher"):
+            p = demo.frame_parameters(f"seed=5&psi=0.7&noise=const&net={net}")
+            float32, bf16 = (png(io.BytesIO(renderer.render(p)[0])).astype(float)
+                             for renderer in (demo_server_object.renderer, server.renderer))
+            assert 10 * np.log10(255**2 / max(np.mean((float32 - bf16) ** 2), 1e-10)) > 35
+    finally:
         server.server_close()
 
 
