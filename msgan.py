@@ -271,9 +271,12 @@ class MobileModulatedConv2d(nn.Module):
     def demodulation(self):
         return ops.fixed_demodulation(self.weight, self.style_inv * self.scale, self.weight_dw)
 
+    def styles(self, w):
+        return self.modulation(w) * self.scale  # [B, I]
+
     def forward(self, x, w):
         demod = self.demodulation() if self.demodulate else None
-        return ops.mobile_modulated_conv2d(x, self.weight, self.modulation(w) * self.scale, demod, self.weight_dw)
+        return ops.mobile_modulated_conv2d(x, self.weight, self.styles(w), demod, self.weight_dw)
 
     @torch.no_grad()
     def fold_demodulation(self):
@@ -441,20 +444,12 @@ def _rows(t, start, stop, sample):
     return None if t is None else t[sample if t.shape[0] > 1 else slice(None), :, start:stop]
 
 
-def styled_conv_inplace(layer, x, w, noise):
+def styled_conv_inplace(layer, x, styles, noise):
     """MobileStyledConv.forward of a folded layer: the bias inside the conv, noise and activation in place."""
-    conv = layer.conv
-    x = ops.mobile_modulated_conv2d_inplace(x, conv.weight, conv.modulation(w) * conv.scale, conv.weight_dw,
-                                            layer.bias)
+    x = ops.mobile_modulated_conv2d_inplace(x, layer.conv.weight, styles, layer.conv.weight_dw, layer.bias)
     if noise is not None:
         x.add_(layer.noise_strength * noise)
     return F.leaky_relu_(x, ops.LRELU_SLOPE)
-
-
-def wavelets_inplace(head, x, w):
-    """ToWavelets.forward, overwriting x (the modulation is applied to it in place)."""
-    return ops.mobile_modulated_conv2d_inplace(x, head.conv.weight, head.conv.modulation(w) * head.conv.scale,
-                                               bias=head.bias)
 
 
 def block_tiles(block, batch, resolution, tile_bytes):
@@ -480,19 +475,22 @@ def block_inference(block, x, w_up, w_conv2, noise1, noise2, tile_bytes, w_head=
     R = 2 * H
     shape = (B, 3, 2 * R, 2 * R) if w_head is not None else (B, block.conv2.bias.numel(), R, R)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    s_up, s_conv1, s_conv2 = block.up.modulation(w_up), block.conv1.conv.styles(w_up), block.conv2.conv.styles(w_conv2)
+    s_head = None if w_head is None else block.to_wavelets.conv.styles(w_head)  # once per block, not per tile
     for sample, r0, r1 in block_tiles(block, B, R, tile_bytes):
         a1, b1 = max(r0 - 1, 0), min(r1 + 1, R)  # conv1 output rows that conv2 reads
         a0, b0 = max(a1 - 1, 0), min(b1 + 1, R)  # upsampled rows that conv1 reads
         lo, hi = a0 // 2, (b0 + 1) // 2          # x rows whose IDWT makes them
         y = x[sample, :, lo:hi].clone(memory_format=torch.channels_last)
-        y = ops.wavelets_to_img_inplace(y, block.up.modulation(w_up[sample]))[:, :, a0 - 2 * lo:b0 - 2 * lo]
-        y = styled_conv_inplace(block.conv1, y, w_up[sample], _rows(noise1, a0, b0, sample))[:, :, a1 - a0:b1 - a0]
-        y = styled_conv_inplace(block.conv2, y, w_conv2[sample], _rows(noise2, a1, b1, sample))[:, :, r0 - a1:r1 - a1]
+        y = ops.wavelets_to_img_inplace(y, s_up[sample])[:, :, a0 - 2 * lo:b0 - 2 * lo]
+        y = styled_conv_inplace(block.conv1, y, s_conv1[sample], _rows(noise1, a0, b0, sample))[:, :, a1 - a0:b1 - a0]
+        y = styled_conv_inplace(block.conv2, y, s_conv2[sample], _rows(noise2, a1, b1, sample))[:, :, r0 - a1:r1 - a1]
         if w_head is None:
             out[sample, :, r0:r1] = y
         else:
-            out[sample, :, 2 * r0:2 * r1] = ops.wavelets_to_img_inplace(wavelets_inplace(block.to_wavelets, y,
-                                                                                          w_head[sample]))
+            head = block.to_wavelets  # ToWavelets.forward, overwriting y (modulated in place)
+            wavelets = ops.mobile_modulated_conv2d_inplace(y, head.conv.weight, s_head[sample], bias=head.bias)
+            out[sample, :, 2 * r0:2 * r1] = ops.wavelets_to_img_inplace(wavelets)
     return out
 
 
