@@ -25,10 +25,11 @@ in onnxruntime (TorchScript: torch.jit.load; OpenVINO: its CPU runtime) and must
 Core ML cannot run on Linux: its declared inputs and outputs are checked instead. Files are written to a temp folder
 inside --outdir and moved into place only when all of them passed, so a failed run leaves none behind.
 
---int8 quantises a student's synthesis.onnx two ways, the noise baked in and stored int8 in both:
-    synthesis_int8.onnx          static quantisation with onnxruntime's tool: QDQ format, int8 weights per output
-                                 channel, uint8 activations calibrated (min/max) on INT8_CALIBRATION_W mapped w;
-                                 every convolution and style affine runs in int8 (fastest, visibly less exact)
+--int8 quantises a student's synthesis network two ways, the noise baked in and stored in 8 bits in both:
+    synthesis_int8.onnx          the last INT8_BLOCKS blocks in integer arithmetic (uint8 activations, equalised and
+                                 calibrated on INT8_CALIBRATION_W mapped w; int8 weights with the style folded in),
+                                 the rest float32 with int8 weights (Int8Synthesis); w [1, w_dim]: batch 1 only.
+                                 Runs in onnxruntime (one contrib operator, QLinearLeakyRelu)
     synthesis_int8_weights.onnx  int8 weights per output channel, read through DequantizeLinear; activations and
                                  arithmetic float32 (the same size, images close to float32, float32's speed)
 The check reports each file's size, its PSNR against synthesis.onnx over INT8_CHECK_SEEDS seeds (instead of a
@@ -44,7 +45,6 @@ import copy
 import importlib
 import importlib.util
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -60,6 +60,7 @@ import numpy as np
 import onnx
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import formats
 import msgan
@@ -280,7 +281,249 @@ def optional_import(package, purpose):
 
 
 # ----------------------------------------------------------------------------------------------
-# int8: onnxruntime's static quantisation of synthesis.onnx
+# int8: a student's synthesis network with its last blocks in integer arithmetic
+#
+# Static quantisation in the usual form (one uint8 range per activation tensor, calibrated once) fits this network
+# badly: the style scales every channel of every layer by a per-sample factor, so each sample has its own
+# per-channel ranges (onnxruntime's tool, QDQ with every convolution in int8, gives 22 dB on FFHQ). Int8Synthesis
+# quantises the form in which the style does not reach the activations:
+#   - the style goes into the weights: each pointwise conv reads W * style (per sample, quantised to int8 per output
+#     channel in the graph), after a depthwise conv that reads unmodulated activations; the IDWT's modulation goes
+#     into the weights of its transposed conv the same way;
+#   - every uint8 tensor is equalised: channel c holds x_c / e_c, e_c its largest magnitude in calibration, and the
+#     neighbouring weights carry e (exact: per-channel factors commute with depthwise convs and leaky ReLU), so the
+#     tensor's one range serves all channels;
+#   - the noise is one more uint8 input channel of the pointwise conv (weight noise_strength), the bias is inside
+#     the conv, leaky ReLU maps uint8 to uint8 by table: between convolutions nothing runs in float.
+# Only the last INT8_BLOCKS blocks, where the pixels and the time are, run so; the earlier ones run in float32
+# with int8 weights. Each op below computes in PyTorch exactly what its ONNX operator computes in onnxruntime
+# (QuantizeLinear, DequantizeLinear, QLinearConv, and onnxruntime's QLinearLeakyRelu), so the module's forward is
+# the exported model's specification. Its weights are per sample, so the model takes a batch of one.
+
+INT8_BLOCKS = 3  # FFHQ: the 128-512 px blocks, ~70% of float32's time; more blocks cost quality, fewer cost speed
+
+
+def _constant(g, value, dtype):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+
+def quantize(x, scale, zero):
+    return (torch.round(x / scale) + zero).clamp(0, 255).to(torch.uint8)
+
+
+def dequantize(q, scale, zero):
+    return (q.float() - zero) * scale
+
+
+def quantize_rows(w):
+    """Symmetric int8, one scale per output channel (dim 0): (int8 weights, scales [O])."""
+    scale = w.abs().flatten(1).amax(1).clamp(min=1e-12) / 127
+    return torch.round(w / scale.view(-1, *[1] * (w.dim() - 1))).clamp(-127, 127).to(torch.int8), scale
+
+
+class Quantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero):
+        return quantize(x, scale, zero)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero):
+        return g.op("QuantizeLinear", x, _constant(g, scale, torch.float32), _constant(g, zero, torch.uint8))
+
+
+class Dequantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, scale, zero):
+        return dequantize(q, scale, zero)
+
+    @staticmethod
+    def symbolic(g, q, scale, zero):
+        return g.op("DequantizeLinear", q, _constant(g, scale, torch.float32), _constant(g, zero, torch.uint8))
+
+
+class DequantizeRows(torch.autograd.Function):
+    """int8 weights with one scale per output channel -> float32 (a stored weight, read in the graph)."""
+
+    @staticmethod
+    def forward(ctx, q, scale):
+        return q.float() * scale.view(-1, *[1] * (q.dim() - 1))
+
+    @staticmethod
+    def symbolic(g, q, scale):
+        return g.op("DequantizeLinear", q, scale, axis_i=0)
+
+
+class QLinearConv(torch.autograd.Function):
+    """uint8 x (x_scale, x_zero) * int8 w (scale per output channel) + int32 bias -> uint8 (y_scale, y_zero)."""
+
+    @staticmethod
+    def forward(ctx, x, x_scale, x_zero, w, w_scale, bias, y_scale, y_zero, groups, pad):
+        # the int32 sum, exactly: |products| <= 255 * 127, summed over a fan-in up to 512 stay below 2**24
+        bias = None if bias is None else bias.float()
+        acc = F.conv2d(x.float() - x_zero, w.float(), bias, padding=pad, groups=groups)
+        return quantize(acc * (x_scale * w_scale / y_scale).view(1, -1, 1, 1), 1.0, y_zero)
+
+    @staticmethod
+    def symbolic(g, x, x_scale, x_zero, w, w_scale, bias, y_scale, y_zero, groups, pad):
+        w_zero = g.op("Expand", _constant(g, [0], torch.int8), g.op("Shape", w_scale))
+        inputs = [x, _constant(g, x_scale, torch.float32), _constant(g, x_zero, torch.uint8), w, w_scale, w_zero,
+                  _constant(g, y_scale, torch.float32), _constant(g, y_zero, torch.uint8)]
+        return g.op("QLinearConv", *inputs, *([] if bias is None else [bias]), group_i=groups, pads_i=[pad] * 4)
+
+
+class QLinearLeakyReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_scale, x_zero, y_scale, y_zero):
+        return quantize(F.leaky_relu(dequantize(x, x_scale, x_zero), ops.LRELU_SLOPE), y_scale, y_zero)
+
+    @staticmethod
+    def symbolic(g, x, x_scale, x_zero, y_scale, y_zero):
+        y = g.op("com.microsoft::QLinearLeakyRelu", x, _constant(g, x_scale, torch.float32),
+                 _constant(g, x_zero, torch.uint8), _constant(g, y_scale, torch.float32),
+                 _constant(g, y_zero, torch.uint8), alpha_f=ops.LRELU_SLOPE)
+        y.setType(x.type())  # elementwise: x's shape and dtype (the exporter cannot infer a contrib op's)
+        return y
+
+
+class Range:
+    """How a uint8 tensor holds x: x_c / e_c = (q - zero) * scale, with per-channel factors e [C]."""
+
+    def __init__(self, e, lo, hi):
+        self.e, self.lo, self.hi = e, lo, hi
+        self.scale = max(hi - lo, 1e-8) / 255
+        self.zero = int(round(-lo / self.scale))
+
+    @classmethod
+    def calibrated(cls, lo, hi, equalise=True):
+        """From per-channel minima and maxima [C] seen in calibration."""
+        e = torch.maximum(lo.abs(), hi.abs()).clamp(min=1e-8) if equalise else torch.ones_like(lo)
+        return cls(e, min(float((lo / e).min()), 0.0), max(float((hi / e).max()), 0.0))
+
+    def permuted(self, order):
+        return Range(self.e[order], self.lo, self.hi)
+
+    def leaky_relu(self):
+        return Range(self.e, ops.LRELU_SLOPE * self.lo, self.hi)
+
+
+class Int8Synthesis(nn.Module):
+    """w [1, w_dim] -> img [1, 3, R, R] of a folded student, its last INT8_BLOCKS blocks in int8 (see above).
+
+    Calibration runs the float network on `calibration_w` and records, per channel, the extremes of every tensor
+    that is held in uint8: the first int8 block's input, each IDWT output, depthwise output and pre-activation.
+    """
+
+    def __init__(self, G, calibration_w):
+        super().__init__()
+        self.S = S = G.synthesis
+        self.first = max(len(S.blocks) - INT8_BLOCKS, 0)
+        extremes = {}
+        with torch.no_grad():
+            for w in calibration_w:
+                self.forward_float(w, extremes)
+        self.ranges = {key: Range.calibrated(lo, hi, equalise=key != "head") for key, (lo, hi) in extremes.items()}
+        # the weights of the int8 layers, stored int8 (per output channel) and read through DequantizeRows
+        self.weights = {name: quantize_rows(p.detach()) for name, p in S.named_parameters()
+                        if name.startswith(tuple(f"blocks.{i}." for i in range(self.first, len(S.blocks))))
+                        and (name.endswith("conv.weight") or name.endswith("conv.weight_dw"))}
+        self.noise = {}  # (block, conv) -> (uint8 noise map on the depthwise output's range, its factor e)
+        for i in range(self.first, len(S.blocks)):
+            for j in (1, 2):
+                noise, r = getattr(S.noise_const, str(2 * i + j)), self.ranges[f"{i}.dw{j}"]
+                reach = max(min(-r.lo, r.hi), (r.hi - r.lo) / 8)  # room on either side of the zero point
+                e = float(noise.abs().max()) / reach
+                self.noise[i, j] = quantize(noise / e, r.scale, r.zero), e
+
+    @staticmethod
+    def record(extremes, key, t):
+        lo, hi = t.amin((0, 2, 3)), t.amax((0, 2, 3))
+        if key in extremes:
+            lo, hi = torch.minimum(lo, extremes[key][0]), torch.maximum(hi, extremes[key][1])
+        extremes[key] = lo, hi
+
+    def forward_float(self, w, extremes):
+        """forward_reference's image, recording the extremes of the tensors to quantise."""
+        S = self.S
+        _, slots = S.style_slots("standard")
+        x, ws, noise = S.start(w, None, "const", "standard")
+        for i, (block, (s_up, s_conv2, s_head)) in enumerate(zip(S.blocks, slots)):
+            if i == self.first:
+                self.record(extremes, f"{i}.in", x)
+            x = block.up(x, ws[:, s_up])
+            if i >= self.first:
+                self.record(extremes, f"{i}.up", x)
+            for j, (layer, slot) in enumerate([(block.conv1, s_up), (block.conv2, s_conv2)], 1):
+                depthwise = F.conv2d(x, layer.conv.weight_dw, padding=1, groups=x.shape[1])
+                y = F.conv2d(depthwise * layer.conv.styles(ws[:, slot])[:, :, None, None], layer.conv.weight,
+                             layer.bias) + layer.noise_strength * noise[2 * i + j]
+                if i >= self.first:
+                    self.record(extremes, f"{i}.dw{j}", depthwise)
+                    self.record(extremes, f"{i}.pre{j}", y)
+                x = F.leaky_relu(y, ops.LRELU_SLOPE)
+        wavelets = block.to_wavelets(x, ws[:, s_head])
+        self.record(extremes, "head", wavelets)
+        return ops.wavelets_to_img(wavelets)
+
+    def up(self, block, x, r_in, styles, i):
+        """IDWT of x * styles: uint8 in (channels in ops.haar_band_groups order), uint8 out."""
+        r_up, C = self.ranges[f"{i}.up"], int(block.up.modulation.out_features) // 4
+        scale = styles[0, ops.haar_band_groups(C)] * r_in.e / r_up.e.repeat_interleave(4)  # [4C]
+        filters = ops.haar_synthesis_filters(torch.float32, x.device).repeat(C, 1, 1, 1) * scale.view(-1, 1, 1, 1)
+        x = F.conv_transpose2d(Dequantize.apply(x, r_in.scale, r_in.zero), filters, stride=2, groups=C)
+        return Quantize.apply(x, r_up.scale, r_up.zero), r_up
+
+    def weight(self, name):
+        return DequantizeRows.apply(*self.weights[name])
+
+    def styled_conv(self, layer, x, r_in, styles, i, j, order=None):
+        """MobileStyledConv on uint8 x; `order` reorders the output channels (for the next IDWT's groups)."""
+        conv, r_dw, r_pre = layer.conv, self.ranges[f"{i}.dw{j}"], self.ranges[f"{i}.pre{j}"]
+        name = f"blocks.{i}.conv{j}.conv"
+        channels = int(conv.weight_dw.shape[0])
+        # Depthwise: static weights, equalised from the input's factors to the output's.
+        w, w_scale = quantize_rows(self.weight(f"{name}.weight_dw") * (r_in.e / r_dw.e).view(-1, 1, 1, 1))
+        x = QLinearConv.apply(x, r_in.scale, r_in.zero, w, w_scale, None, r_dw.scale, r_dw.zero, channels, 1)
+        # Pointwise: the style and the equalisation in the weights, the noise as one more input channel.
+        noise, noise_e = self.noise[i, j]
+        x = torch.cat([x, noise], 1)
+        weight = torch.cat([self.weight(f"{name}.weight")[:, :, 0, 0] * (styles[0] * r_dw.e)[None],
+                            (layer.noise_strength * noise_e).expand(conv.weight.shape[0], 1)], 1)  # [O, I + 1]
+        bias = layer.bias
+        if order is not None:
+            weight, bias, r_pre = weight[order], bias[order], r_pre.permuted(order)
+        w, w_scale = quantize_rows((weight / r_pre.e[:, None])[:, :, None, None])
+        bias = torch.round(bias / r_pre.e / (r_dw.scale * w_scale)).to(torch.int32)
+        x = QLinearConv.apply(x, r_dw.scale, r_dw.zero, w, w_scale, bias, r_pre.scale, r_pre.zero, 1, 0)
+        r_out = r_pre.leaky_relu()
+        return QLinearLeakyReLU.apply(x, r_pre.scale, r_pre.zero, r_out.scale, r_out.zero), r_out
+
+    def forward(self, w):
+        S = self.S
+        _, slots = S.style_slots("standard")
+        x, ws, noise = S.start(w, None, "const", "standard")
+        last = len(S.blocks) - 1
+        for i, (block, (s_up, s_conv2, s_head)) in enumerate(zip(S.blocks, slots)):
+            if i < self.first:  # float32
+                x = block.up(x, ws[:, s_up])
+                x = block.conv1(x, ws[:, s_up], noise[2 * i + 1])
+                x = block.conv2(x, ws[:, s_conv2], noise[2 * i + 2])
+                continue
+            if i == self.first:
+                order = ops.haar_band_groups(int(block.up.modulation.out_features) // 4)
+                r = self.ranges[f"{i}.in"].permuted(order)
+                x = Quantize.apply(x[:, order] / r.e.view(1, -1, 1, 1), r.scale, r.zero)
+            x, r = self.up(block, x, r, block.up.modulation(ws[:, s_up]), i)
+            x, r = self.styled_conv(block.conv1, x, r, block.conv1.conv.styles(ws[:, s_up]), i, 1)
+            order = None if i == last else ops.haar_band_groups(int(block.conv2.bias.numel()) // 4)
+            x, r = self.styled_conv(block.conv2, x, r, block.conv2.conv.styles(ws[:, s_conv2]), i, 2, order)
+        # The wavelet head: uint8 in, wavelets dequantised for the last (float) IDWT.
+        head, r_head = block.to_wavelets, self.ranges["head"]
+        styles = head.conv.styles(ws[:, s_head])[0] * r.e
+        weight = self.weight(f"blocks.{last}.to_wavelets.conv.weight")[:, :, 0, 0] * styles[None]
+        w, w_scale = quantize_rows(weight[:, :, None, None])
+        bias = torch.round(head.bias / (r.scale * w_scale)).to(torch.int32)
+        x = QLinearConv.apply(x, r.scale, r.zero, w, w_scale, bias, r_head.scale, r_head.zero, 1, 0)
+        return ops.wavelets_to_img(Dequantize.apply(x, r_head.scale, r_head.zero))
 
 
 def mapped_w(G, seeds):
@@ -291,39 +534,38 @@ def mapped_w(G, seeds):
 
 
 INT8_MODELS = {  # file -> how it is quantised (its "dtype" metadata)
-    "synthesis_int8.onnx": "int8 (QDQ: int8 weights per channel, uint8 activations)",
+    "synthesis_int8.onnx": "int8 (the last blocks in uint8 activations and int8 weights; the rest int8 weights)",
     "synthesis_int8_weights.onnx": "int8 weights per channel, float32 activations",
 }
 
 
 def quantize_int8(G, float_path, path):
-    """synthesis.onnx -> int8 QDQ model, calibrated on the w of seeds 1000.. (apart from the check's 0..)."""
-    from onnxruntime import quantization as q
-
-    class Calibration(q.CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter({"w": w} for w in mapped_w(G, range(1000, 1000 + INT8_CALIBRATION_W)))
-
-        def get_next(self):
-            return next(self.feeds, None)
-    root, level = logging.getLogger(), logging.getLogger().level
-    root.setLevel(logging.ERROR)  # the tool logs advice on pre-processing that does not apply to this graph
+    """A folded student -> synthesis_int8.onnx: Int8Synthesis calibrated on the w of seeds 1000.. (apart from the
+    check's 0..), its remaining float32 weights stored int8 as in the weights-only model."""
+    calibration_w = [torch.from_numpy(w) for w in mapped_w(G, range(1000, 1000 + INT8_CALIBRATION_W))]
+    module = Int8Synthesis(copy.deepcopy(G).float().cpu(), calibration_w).eval()
     try:
-        q.quantize_static(float_path, path, Calibration(), quant_format=q.QuantFormat.QDQ, per_channel=True,
-                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                          op_types_to_quantize=["Conv", "Gemm"], calibrate_method=q.CalibrationMethod.MinMax)
-    except Exception as e:  # the tool's refusal, whatever its type, is one line for the user
-        raise ExportError(f"synthesis_int8.onnx: onnxruntime cannot quantise the model ({first_line(e)})") from None
-    finally:
-        root.setLevel(level)
-    finish_int8(onnx.load(path), float_path, path)
+        with quiet_tracing(), torch.no_grad():
+            torch.onnx.export(module, (calibration_w[0],), path, input_names=["w"], output_names=["img"],
+                              opset_version=DEFAULT_OPSET, custom_opsets={"com.microsoft": 1}, dynamo=False)
+    except torch.onnx.OnnxExporterError as e:
+        raise ExportError(f"synthesis_int8.onnx: the ONNX exporter failed ({first_line(e)})") from None
+    model = onnx.load(path)
+    store_weights_int8(model)
+    finish_int8(model, float_path, path)
 
 
 def quantize_int8_weights(float_path, path):
     """synthesis.onnx -> the same graph with every Conv and Gemm weight stored int8 (symmetric, one scale per output
-    channel) and read through a DequantizeLinear. The activations stay float32: the style modulation gives each
-    sample its own per-channel activation ranges, which one static uint8 range per tensor fits badly."""
+    channel) and read through a DequantizeLinear; the activations and arithmetic stay float32."""
     model = onnx.load(float_path)
+    store_weights_int8(model)
+    finish_int8(model, float_path, path)
+
+
+def store_weights_int8(model):
+    """Every constant Conv and Gemm weight of an ONNX model to int8 (symmetric, one scale per output channel), read
+    through a DequantizeLinear."""
     weights = {init.name: init for init in model.graph.initializer}
     for node in [node for node in model.graph.node if node.op_type in ("Conv", "Gemm")]:
         init = weights.pop(node.input[1], None)  # None: not a constant, or shared and already stored
@@ -336,7 +578,6 @@ def quantize_int8_weights(float_path, path):
         others = tuple(d for d in range(values.ndim) if d != axis)
         scale = (np.maximum(np.abs(values).max(axis=others), 1e-12) / 127).astype(np.float32)
         store_int8(model, init, values / np.expand_dims(scale, others), scale, axis)
-    finish_int8(model, float_path, path)
 
 
 def finish_int8(model, float_path, path):
@@ -378,12 +619,13 @@ def int8_noise(model):
 
 
 def onnxruntime_session(ort, path, threads=0):
-    """An onnxruntime CPU session (threads 0: its default). A weights-only int8 model gets the option that lets
-    onnxruntime fold the DequantizeLinear of each constant weight once at load (float32 speed; without it, every
-    call dequantises, ~1.15x the time at 1024 px)."""
+    """An onnxruntime CPU session (threads 0: its default). An int8 model gets the option that lets onnxruntime
+    fold the DequantizeLinear of each constant weight once at load (without it, every call dequantises them: the
+    weights-only model takes ~1.15x the time at 1024 px, synthesis_int8.onnx ~1.1x). Neither model has patterns
+    of QuantizeLinear and DequantizeLinear for onnxruntime to fuse, which is all the option turns off besides."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    if os.path.basename(path) == "synthesis_int8_weights.onnx":
+    if os.path.basename(path) in INT8_MODELS:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
@@ -403,9 +645,10 @@ def check_int8(ort, G, float_path, paths):
             path_psnrs.append(10 * math.log10(4 / max(float(np.mean((image - images[0]) ** 2)), 1e-10)))
     for path, session, path_psnrs, time_s in zip(paths, sessions[1:], psnrs, seconds[1:]):
         name = os.path.basename(path)
-        batch2 = session.run(None, {"w": np.concatenate(mapped_w(G, [0, 1]))})[0]
-        if batch2.shape != (2, 3, G.img_resolution, G.img_resolution) or not np.isfinite(batch2).all():
-            raise ExportError(f"{name}: batch 2 gives {list(batch2.shape)} or non-finite values")
+        batch = 1 if session.get_inputs()[0].shape[0] == 1 else 2  # synthesis_int8.onnx: per-sample weights
+        images = session.run(None, {"w": np.concatenate(mapped_w(G, range(batch)))})[0]
+        if images.shape != (batch, 3, G.img_resolution, G.img_resolution) or not np.isfinite(images).all():
+            raise ExportError(f"{name}: batch {batch} gives {list(images.shape)} or non-finite values")
         print(f"  {name}: {size_of(path) / size_of(float_path):.2f}x the float32 file; PSNR against it "
               f"{statistics.mean(path_psnrs):.2f} dB (min {min(path_psnrs):.2f}) over seeds 0-{INT8_CHECK_SEEDS - 1}; "
               f"{1000 * time_s / INT8_CHECK_SEEDS:.3g} ms/image against {1000 * seconds[0] / INT8_CHECK_SEEDS:.3g}")
@@ -535,6 +778,8 @@ def bench_runner(kind, res, path, device, onnx_path):
     if path in BENCH_ONNX:
         import onnxruntime as ort
         session = onnxruntime_session(ort, onnx_path, torch.get_num_threads())
+        if session.get_inputs()[0].shape[0] == 1:  # the int8 model: a batch is one call per sample
+            return lambda w: np.concatenate([session.run(None, {"w": w[i:i + 1].numpy()})[0] for i in range(len(w))])
         return lambda w: session.run(None, {"w": w.numpy()})[0]
     # every student path runs the folded network (the form sample.py loads): the rows differ only by their path
     G = bench_generator(kind, res).to(device).fold()

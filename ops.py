@@ -156,12 +156,21 @@ def wavelets_to_img(packed):
     one ConvTranspose, which onnxruntime and OpenVINO run faster than elementwise butterflies and interleaving.
     """
     C = int(packed.shape[1]) // 4  # a constant in traced graphs: the filters' shape depends on it
-    band = torch.arange(C, device=packed.device)
-    groups = torch.stack([band, C + 3 * band, C + 3 * band + 1, C + 3 * band + 2], dim=1).flatten()  # [4C]
+    filters = haar_synthesis_filters(packed.dtype, packed.device).repeat(C, 1, 1, 1)
+    return F.conv_transpose2d(packed[:, haar_band_groups(C, packed.device)], filters, stride=2, groups=C)
+
+
+def haar_band_groups(C, device=None):
+    """[4C]: the channel order of a packing [B, 4C, H, W] that puts the four bands of each channel side by side."""
+    band = torch.arange(C, device=device)
+    return torch.stack([band, C + 3 * band, C + 3 * band + 1, C + 3 * band + 2], dim=1).flatten()
+
+
+def haar_synthesis_filters(dtype, device=None):
+    """[4 bands, 1, 2, 2]: the 2x2 pixels that one unit of each band makes (wavelets_to_img's transposed conv)."""
     # The transform is orthonormal: the synthesis filter of band k is its analysis of the four pixels of a 2x2 block
-    pixels = torch.eye(4, dtype=packed.dtype, device=packed.device).view(4, 1, 2, 2)  # one image per pixel
-    filters = img_to_wavelets(pixels).view(4, 4).t().reshape(4, 1, 2, 2)              # [band, 1, 2, 2]
-    return F.conv_transpose2d(packed[:, groups], filters.repeat(C, 1, 1, 1), stride=2, groups=C)
+    pixels = torch.eye(4, dtype=dtype, device=device).view(4, 1, 2, 2)  # one image per pixel
+    return img_to_wavelets(pixels).view(4, 4).t().reshape(4, 1, 2, 2)
 
 
 def wavelets_to_img_inplace(packed, scale=None):
