@@ -294,7 +294,8 @@ def optional_import(package, purpose):
 #     neighbouring weights carry e (exact: per-channel factors commute with depthwise convs and leaky ReLU), so the
 #     tensor's one range serves all channels;
 #   - the noise is one more uint8 input channel of the pointwise conv (weight noise_strength), the bias is inside
-#     the conv, leaky ReLU maps uint8 to uint8 by table: between convolutions nothing runs in float.
+#     the conv, leaky ReLU maps uint8 to uint8 by table: within a block only the IDWT (a transposed conv between
+#     DequantizeLinear and QuantizeLinear) computes in float.
 # Only the last INT8_BLOCKS blocks, where the pixels and the time are, run so; the earlier ones run in float32
 # with int8 weights. Each op below computes in PyTorch exactly what its ONNX operator computes in onnxruntime
 # (QuantizeLinear, DequantizeLinear, QLinearConv, and onnxruntime's QLinearLeakyRelu), so the module's forward is
